@@ -1,0 +1,151 @@
+"""The one in-memory form of an adapter: per-module weight deltas with alpha kept apart from the user's scale.
+
+Every reader produces :class:`WeightDelta` objects and every writer consumes them. ``alpha`` and the rank are facts
+read from the file; the user's scale is applied by the engine, never baked in, so files round-trip exactly::
+
+    LoRA   delta = (alpha / r) * up @ down                      up [out, r], down [r, in(, kh, kw)]
+    Tucker down [r, in, 1, 1], mid [r, r, kh, kw]: mid is folded into down (exact in real arithmetic)
+    LoKr   delta = (alpha / r) * kron(w1, w2)                   w1, w2 full or factored (w?_a @ w?_b)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+class WeightDelta(ABC):
+    """What one module of an adapter adds to that module's weight.
+
+    Subclasses give the full delta; low-rank ones also give their factors, which the engine uses to merge with one
+    matmul (and a runtime branch would use directly).
+    """
+
+    alpha: float | None
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """The rank that alpha is divided by."""
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank; a file without alpha means scale 1 (kohya, ComfyUI and PEFT agree)."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(up2d [out, r], down2d [r, in*kh*kw])`` without the scale, or None for full-rank algorithms."""
+        return None
+
+    @abstractmethod
+    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The delta without alpha / rank, shaped like the target weight."""
+
+    def delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full weight delta ``scale * ...`` shaped like the target weight."""
+        return self.unscaled_delta(shape, dtype) * self.scale
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name (for writers, moving and memory accounting)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "WeightDelta":
+        """Move every tensor in place; returns self."""
+        for k, v in self.tensors().items():
+            setattr(self, k, v.to(device=device, dtype=dtype))
+        return self
+
+
+@dataclass
+class LoraWeights(WeightDelta):
+    """LoRA / LoCon factors: ``up @ down`` (Linear, 1x1 and kxk convs), with an optional Tucker core."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+    mid: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        down = self.down
+        if self.mid is not None:
+            down = torch.einsum("mnkl,nj->mjkl", self.mid, down.flatten(1))
+        return self.up.reshape(self.up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        up, down = self.low_rank()
+        return (up.to(dtype) @ down.to(dtype)).reshape(shape)
+
+
+@dataclass
+class LokrWeights(WeightDelta):
+    """LyCORIS LoKr: ``kron(w1, w2)``, each factor full or a product ``w?_a @ w?_b``; w2 may be Tucker (``t2``).
+
+    Following LyCORIS, when both w1 and w2 are full matrices the scale is 1 and alpha is ignored; otherwise the
+    rank is that of ``w2_b`` if present, else of ``w1_b`` (ComfyUI and A1111 agree).
+    """
+
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        if self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        if self.w1_b is not None:
+            return int(self.w1_b.shape[0])
+        return 1
+
+    @property
+    def scale(self) -> float:
+        if self.w1 is not None and self.w2 is not None:
+            return 1.0
+        return super().scale
+
+    def factor1(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.w1.to(dtype) if self.w1 is not None else self.w1_a.to(dtype) @ self.w1_b.to(dtype)
+
+    def factor2(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.w2 is not None:
+            return self.w2.to(dtype)
+        if self.t2 is not None:
+            return torch.einsum("ijkl,jr,ip->prkl", self.t2.to(dtype), self.w2_b.to(dtype), self.w2_a.to(dtype))
+        return self.w2_a.to(dtype) @ self.w2_b.to(dtype)
+
+    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w1 = self.factor1(dtype)
+        w2 = self.factor2(dtype)
+        # kron of the 2-D forms reshaped to the weight equals the 4-D kron for convs (and also reads the 2023
+        # LyCORIS layout that folds the kernel into both factors).
+        return torch.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)).reshape(shape)
+
+
+@dataclass
+class Adapter:
+    """A named adapter: per component, per module path, its delta; plus what was learned of its origin."""
+
+    name: str
+    layers: dict[str, dict[str, WeightDelta]]
+    source: str = "<state dict>"
+    format: str = "unknown"
+    family: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c, mods in self.layers.items() if mods]
+
+    def num_modules(self) -> int:
+        return sum(len(m) for m in self.layers.values())

@@ -1,0 +1,174 @@
+"""Bind a LoraManager to a diffusers pipeline or a bare model: find the components, route the LoRA verbs.
+
+After ``attach``, every LoRA method of the diffusers API on the pipeline and on each component (``pipe.unet``,
+``pipe.transformer``, ``pipe.text_encoder``...) is an instance attribute that calls the manager, so user code written
+for diffusers runs unchanged, with or without PEFT installed. The call-time scale reaches lorakit in two ways:
+
+* the denoiser's ``cross_attention_kwargs`` / ``joint_attention_kwargs`` / ``attention_kwargs`` ``{"scale": s}``
+  through a forward pre-hook that reads it (the weights are re-merged only when the scale changes);
+* the text encoders' ``lora_scale`` through a wrapper around ``pipe.encode_prompt``, which scales them during the
+  call and restores them afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import LoraError
+from .families import LORA_COMPONENTS, is_text_encoder
+from .manager import LoraManager
+
+_ATTR = "_lorakit_manager"
+
+_PIPELINE_VERBS = ("load_lora_weights", "set_adapters", "disable_lora", "enable_lora", "get_active_adapters",
+                   "get_list_adapters", "delete_adapters", "unload_lora_weights", "fuse_lora", "unfuse_lora",
+                   "save_lora_weights", "save_lora_adapter", "enable_lora_hotswap")
+
+
+class _ScaleWarningFilter(logging.Filter):
+    """diffusers warns that a call-time ``scale`` is ignored when PEFT is absent; with lorakit it is not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "when not using the PEFT backend is ineffective" not in record.getMessage()
+
+
+def _components_of(obj: Any) -> dict[str, nn.Module]:
+    if isinstance(obj, nn.Module):
+        name = "text_encoder" if is_text_encoder(obj) else ("unet" if hasattr(obj, "down_blocks") else "transformer")
+        return {name: obj}
+    found = {}
+    for name in LORA_COMPONENTS:
+        module = getattr(obj, name, None)
+        module = getattr(module, "_orig_mod", module)  # a torch.compile'd component
+        if isinstance(module, nn.Module):
+            found[name] = module
+    if not found:
+        raise LoraError(f"attach: {type(obj).__name__} has none of the components {list(LORA_COMPONENTS)}; pass a "
+                        f"diffusers pipeline, a diffusers model or a transformers text encoder.")
+    return found
+
+
+def _check_no_peft(components: dict[str, nn.Module]) -> None:
+    for name, model in components.items():
+        if getattr(model, "peft_config", None):
+            raise LoraError(f"attach: {name} already holds PEFT adapters {list(model.peft_config)}. Call "
+                            f"unload_lora_weights() through diffusers first, then attach lorakit.")
+
+
+def attach(obj: Any, *, backup_device: str | torch.device | None = None) -> LoraManager:
+    """Serve the diffusers LoRA API of a pipeline or a model from lorakit's engine; returns the manager.
+
+    Calling it again on the same object returns the same manager.
+
+    Example:
+        >>> import lorakit
+        >>> manager = lorakit.attach(pipe)                   # doctest: +SKIP
+        >>> pipe.load_lora_weights("lora.safetensors", adapter_name="a")   # doctest: +SKIP
+        >>> pipe("a photo", cross_attention_kwargs={"scale": 0.5})        # doctest: +SKIP
+    """
+    existing = getattr(obj, _ATTR, None)
+    if isinstance(existing, LoraManager):
+        return existing
+    components = _components_of(obj)
+    _check_no_peft(components)
+    manager = LoraManager(components, backup_device=backup_device)
+    if not isinstance(obj, nn.Module):
+        for verb in _PIPELINE_VERBS:
+            object.__setattr__(obj, verb, getattr(manager, verb))
+        _wrap_encode_prompt(obj, manager)
+    for name, model in components.items():
+        _bind_model(model, name, manager)
+    object.__setattr__(obj, _ATTR, manager)
+    logging.getLogger("diffusers.utils.peft_utils").addFilter(_ScaleWarningFilter())
+    return manager
+
+
+class ModelVerbs:
+    """diffusers' model-level LoRA methods (their names and argument orders) for one component of a manager."""
+
+    def __init__(self, manager: LoraManager, name: str):
+        self.manager, self.name, self.scope = manager, name, [name]
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str | None = None,
+                          hotswap: bool = False, **kwargs: Any) -> str:
+        return self.manager.load_lora_weights(pretrained_model_name_or_path_or_dict, hotswap=hotswap, prefix=prefix,
+                                              components=self.scope, **kwargs)
+
+    def set_adapters(self, adapter_names: Any, weights: Any = None) -> None:
+        self.manager.set_adapters(adapter_names, weights, components=self.scope)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Any = None) -> None:
+        self.manager.fuse_lora(self.scope, lora_scale, safe_fusing, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        self.manager.unfuse_lora(self.scope)
+
+    def disable_lora(self) -> None:
+        self.manager.disable_lora(self.scope)
+
+    def enable_lora(self) -> None:
+        self.manager.enable_lora(self.scope)
+
+    def delete_adapters(self, adapter_names: Any) -> None:
+        self.manager.delete_adapters(adapter_names, self.scope)
+
+    def unload_lora(self) -> None:
+        self.manager.unload_lora_weights(self.scope)
+
+    def active_adapters(self) -> list[str]:
+        return list(self.manager.states[self.name].active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {self.name: list(self.manager.states[self.name].adapters)}
+
+    def save_lora_adapter(self, save_directory: Any, adapter_name: str | None = None, weight_name: str | None = None,
+                          **kwargs: Any) -> Any:
+        return self.manager.save_lora_adapter(save_directory, adapter_name, weight_name=weight_name,
+                                              components=self.scope, **kwargs)
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        self.manager.enable_lora_hotswap(target_rank, check_compiled)
+
+    # PEFT-style aliases diffusers models also expose
+    set_adapter = set_adapters
+    disable_adapters = disable_lora
+    enable_adapters = enable_lora
+    unload_lora_weights = unload_lora
+
+    VERBS = ("load_lora_adapter", "set_adapters", "set_adapter", "fuse_lora", "unfuse_lora", "disable_lora",
+             "enable_lora", "disable_adapters", "enable_adapters", "delete_adapters", "unload_lora",
+             "unload_lora_weights", "active_adapters", "get_list_adapters", "save_lora_adapter", "enable_lora_hotswap")
+
+
+def _bind_model(model: nn.Module, name: str, manager: LoraManager) -> None:
+    verbs = ModelVerbs(manager, name)
+    for verb in ModelVerbs.VERBS:
+        object.__setattr__(model, verb, getattr(verbs, verb))
+    object.__setattr__(model, _ATTR, manager)
+    state = manager.states[name]
+    if state.call_kwarg is not None:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if torch.compiler.is_compiling():
+                return  # state changes are applied outside the graph (see the compile recipe in the README)
+            extra = kwargs.get(state.call_kwarg) or {}
+            manager.apply_call_scale(state, extra.get("scale", 1.0))
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _wrap_encode_prompt(pipe: Any, manager: LoraManager) -> None:
+    original = getattr(pipe, "encode_prompt", None)
+    encoders = [n for n, s in manager.states.items() if s.is_text_encoder]
+    if original is None or not encoders:
+        return
+
+    @functools.wraps(original)
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        with manager.call_scale(kwargs.get("lora_scale"), encoders):
+            return original(*args, **kwargs)
+
+    object.__setattr__(pipe, "encode_prompt", encode_prompt)

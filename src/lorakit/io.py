@@ -1,0 +1,209 @@
+"""Reading and writing LoRA files.
+
+safetensors headers are parsed and validated without loading any tensor, so a file's format can be detected and
+every key checked before a byte of weight data is read. Pickle files (.bin/.pt/.ckpt/.pth) can run code when
+unpickled: they are refused unless the caller opts in, and are then read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import LoraFileError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DEFAULT_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+_MAX_HEADER = 100 * 1024 * 1024
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file's header says of one tensor."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class LoraSource:
+    """A LoRA source after resolution: where it came from, its tensor table and its metadata.
+
+    ``tensors`` is filled lazily for files (``load()``), and up front for in-memory dicts.
+    """
+
+    name: str
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    path: Path | None = None
+    size_bytes: int = 0
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def load(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Return every tensor of the source, read straight onto ``device``."""
+        if self.tensors is not None:
+            return self.tensors
+        from safetensors.torch import load_file
+
+        assert self.path is not None
+        try:
+            return load_file(str(self.path), device=str(device))
+        except Exception as exc:  # safetensors raises its own error types
+            raise LoraFileError(f"{self.name}: could not read tensors ({exc}). The file may be truncated or "
+                                f"corrupt: download it again.") from exc
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Example:
+        >>> infos, meta = read_safetensors_header(Path("lora.safetensors"))  # doctest: +SKIP
+    """
+    size = path.stat().st_size
+    where = str(path)
+    if size < 8:
+        raise LoraFileError(f"{where}: file is {size} bytes, too short to be safetensors (expected an 8-byte header "
+                            f"length). The file is empty or truncated: download or save it again.")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > min(size - 8, _MAX_HEADER):
+            raise LoraFileError(f"{where}: header claims {n} bytes but the file holds {size - 8} after the length "
+                                f"field. The file is truncated or not safetensors.")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoraFileError(f"{where}: corrupt safetensors header ({exc}). Re-download or re-save the file.") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoraFileError(f"{where}: corrupt header entry for key {key!r}: {entry!r}.") from exc
+        if not 0 <= start <= end <= data_len:
+            raise LoraFileError(f"{where}: tensor {key!r} lies at bytes {start}..{end} but the data section has "
+                                f"{data_len} bytes: the file is truncated. Download it again.")
+        infos[key] = TensorInfo(dtype, shape)
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _from_dict(tensors: Mapping[str, torch.Tensor], name: str) -> LoraSource:
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LoraFileError(f"{name}: values must be tensors; key {bad[0]!r} holds {type(tensors[bad[0]]).__name__}.")
+    tensors = dict(tensors)
+    infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
+    return LoraSource(name=name, infos=infos, metadata={}, size_bytes=size, tensors=tensors)
+
+
+def _load_pickle(path: Path) -> LoraSource:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LoraFileError(f"{path}: refused to unpickle ({type(exc).__name__}: {str(exc)[:200]}). Only plain "
+                            f"tensor dicts load with weights_only=True; convert the file to safetensors.") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise LoraFileError(f"{path}: expected a dict of tensors, found {type(obj).__name__}.")
+    src = _from_dict(obj, str(path))
+    src.path = path
+    return src
+
+
+def _resolve_path(src: str | os.PathLike, weight_name: str | None, subfolder: str | None, hub_kwargs: dict) -> Path:
+    path = Path(src)
+    if subfolder:
+        path = path / subfolder
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if weight_name:
+            candidate = path / weight_name
+            if candidate.is_file():
+                return candidate
+            raise LoraFileError(f"{path}: no file {weight_name!r} in this folder. Files there: "
+                                f"{sorted(p.name for p in path.iterdir())[:10]}.")
+        for default in DEFAULT_WEIGHT_NAMES:
+            if (path / default).is_file():
+                return path / default
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise LoraFileError(f"{path}: a folder with {len(found)} .safetensors files; pass weight_name= to pick one.")
+    text = str(src)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.splitext(text)[1]
+    if not looks_like_repo:
+        raise LoraFileError(f"{text}: no such file or folder (and not a hub repo id of the form 'owner/name'). "
+                            f"Check the path.")
+    return _download(text, weight_name, subfolder, hub_kwargs)
+
+
+def _download(repo: str, weight_name: str | None, subfolder: str | None, hub_kwargs: dict) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    names = [weight_name] if weight_name else list(DEFAULT_WEIGHT_NAMES)
+    last: Exception | None = None
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, subfolder=subfolder, **hub_kwargs))
+        except Exception as exc:  # hub errors come in many types (offline, 404, auth)
+            last = exc
+    raise LoraFileError(f"{repo}: could not get {names[0] if weight_name else 'a LoRA file'} from the hub or its "
+                        f"cache ({type(last).__name__}: {str(last)[:300]}). Pass weight_name=, check the repo id, "
+                        f"or download the file and pass its path.") from last
+
+
+def open_source(src: str | os.PathLike | Mapping[str, torch.Tensor], weight_name: str | None = None, *,
+                subfolder: str | None = None, allow_pickle: bool = False, **hub_kwargs) -> LoraSource:
+    """Resolve a LoRA source (file, folder, hub repo id or tensor dict) and read its header only.
+
+    Hub keywords (``cache_dir``, ``local_files_only``, ``token``, ``revision``) go to ``huggingface_hub``, which
+    honours its cache and ``HF_HUB_OFFLINE``.
+
+    Example:
+        >>> source = open_source("my_lora.safetensors")  # doctest: +SKIP
+        >>> sorted(source.infos)[:2]  # doctest: +SKIP
+    """
+    if isinstance(src, Mapping):
+        return _from_dict(src, "<state dict>")
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    path = _resolve_path(src, weight_name, subfolder, hub_kwargs)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraFileError(f"{path}: pickle files can run code when loaded, so lorakit refuses them by default. "
+                                f"Convert it to .safetensors, or pass allow_pickle=True if you trust its origin "
+                                f"(it is then read with torch.load(weights_only=True)).")
+        return _load_pickle(path)
+    infos, metadata = read_safetensors_header(path)
+    return LoraSource(name=str(path), infos=infos, metadata=metadata, path=path, size_bytes=path.stat().st_size)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """Write tensors (made contiguous, on CPU) with string metadata to ``path``; folders are created."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", **dict(metadata)})
+    return path

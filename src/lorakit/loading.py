@@ -1,0 +1,162 @@
+"""Plan a load (every key and shape checked against the model, nothing read or changed), then build the adapter.
+
+Splitting the two is what keeps a failed load from leaving a model half-changed: :func:`plan_load` raises
+:class:`LoraError` for any problem, and only a complete plan reaches :func:`build_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .adapter import Adapter, WeightDelta
+from .errors import LoraKeyError, LoraShapeError, preview
+from .formats import ModuleKeys, ParsedKeys, parse_keys
+from .formats.build import build_delta, check_shapes
+from .io import LoraSource
+from .state import ComponentState
+
+DENOISER_ALIASES = (None, "unet", "transformer")
+
+
+@dataclass
+class PlannedModule:
+    component: str
+    path: str
+    keys: ModuleKeys
+    alpha: float | None
+
+
+@dataclass
+class LoadPlan:
+    source: LoraSource
+    parsed: ParsedKeys
+    modules: list[PlannedModule] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def components(self) -> list[str]:
+        return sorted({m.component for m in self.modules})
+
+
+def component_for(namespace: str | None, states: Mapping[str, ComponentState]) -> str | None:
+    """The component a namespace of keys belongs to (``unet.``/``transformer.``/unprefixed -> the denoiser)."""
+    if namespace in states:
+        return namespace
+    denoisers = [n for n, s in states.items() if not s.is_text_encoder]
+    if namespace in DENOISER_ALIASES and denoisers:
+        return denoisers[0]
+    if namespace is None and len(states) == 1:
+        return next(iter(states))
+    return None
+
+
+def peft_alphas(metadata: Mapping[str, str]) -> dict[str | None, tuple[float | None, dict[str, float]]]:
+    """Alphas from diffusers' ``lora_adapter_metadata`` (PEFT LoraConfig fields), per key namespace."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    out: dict[str | None, tuple[float | None, dict[str, float]]] = {}
+    groups: dict[str | None, dict] = {}
+    for key, value in meta.items():
+        ns, _, fld = key.rpartition(".")
+        groups.setdefault(ns or None, {})[fld] = value
+    for ns, cfg in groups.items():
+        alpha = cfg.get("lora_alpha")
+        out[ns] = (float(alpha) if alpha is not None else None, dict(cfg.get("alpha_pattern") or {}))
+    return out
+
+
+def _alpha_for(path: str, namespace: str | None, alphas: dict) -> float | None:
+    alpha, pattern = alphas.get(namespace) or alphas.get(None) or (None, {})
+    for pat, value in pattern.items():  # PEFT matches patterns against the end of the module path
+        if re.fullmatch(rf"(.*\.)?{pat}", path):
+            return float(value)
+    return alpha
+
+
+def _route(namespace: str | None, states: Mapping[str, ComponentState], scope: list[str] | None,
+           prefix: str | None, unprefixed: bool) -> str | None | bool:
+    """The component for keys of ``namespace``; None if none fits (an error), False if out of scope (ignored)."""
+    single = scope[0] if scope is not None and len(scope) == 1 else None
+    if prefix is not None and namespace != prefix and not unprefixed:
+        return False
+    if single is not None and (prefix is not None or namespace is None):
+        return single
+    comp = component_for(namespace, states)
+    if scope is not None and comp not in scope:
+        return False
+    return comp
+
+
+def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope: list[str] | None = None,
+              prefix: str | None = None, strict: bool = True) -> LoadPlan:
+    """Check every key and shape of ``source`` against the model; raise LoraError before anything changes."""
+    parsed = parse_keys(list(source.infos))
+    plan = LoadPlan(source, parsed)
+    alphas = peft_alphas(source.metadata)
+    shapes = {k: v.shape for k, v in source.infos.items()}
+    shape_errors: list[str] = []
+    # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
+    unprefixed = all(e.namespace is None for e in parsed.modules)
+    for entry in parsed.modules:
+        comp = _route(entry.namespace, states, scope, prefix, unprefixed)
+        if comp is False:
+            plan.ignored.extend(entry.fields.values())
+            continue
+        path = states[comp].index.resolve(entry) if comp is not None else None
+        if path is None:
+            plan.unmatched.extend(entry.fields.values())
+            continue
+        module = states[comp].index.modules[path]
+        problem = check_shapes(entry, shapes, module)
+        if problem:
+            shape_errors.append(f"{entry.display} -> {comp}.{path}: {problem}")
+            continue
+        plan.modules.append(PlannedModule(comp, path, entry, _alpha_for(path, entry.namespace, alphas)))
+    name = source.name
+    if shape_errors:
+        raise LoraShapeError(f"{name}: {len(shape_errors)} module(s) do not fit this model, e.g. "
+                             f"{shape_errors[0]}. Is this LoRA made for another model family (an SD1.5 LoRA on "
+                             f"SDXL, say)? Nothing was loaded.")
+    unusable = plan.unmatched + parsed.unused
+    if unusable and strict:
+        where = ", ".join(f"{n}: {type(s.model).__name__}" for n, s in states.items())
+        raise LoraKeyError(f"{name}: {len(unusable)} key(s) match no module of the model ({where}): "
+                           f"{preview(unusable, 5)}. Check the LoRA is made for this model, or pass strict=False "
+                           f"to load the rest. Nothing was loaded.")
+    if unusable:
+        warnings.warn(f"{name}: skipped {len(unusable)} key(s) that match no module: {preview(unusable, 5)}.",
+                      stacklevel=3)
+    if parsed.embeddings:
+        warnings.warn(f"{name}: the file carries {len(parsed.embeddings)} textual-inversion embedding tensor(s) "
+                      f"({preview(parsed.embeddings, 4)}); lorakit loads LoRA layers only, load the embeddings "
+                      f"with pipe.load_textual_inversion.", stacklevel=3)
+    if not plan.modules:
+        raise LoraKeyError(f"{name}: no LoRA layer in this file targets the model (found {len(source.infos)} keys, "
+                           f"format {parsed.format!r}{', prefix ' + repr(prefix) if prefix else ''}). "
+                           f"Nothing was loaded.")
+    return plan
+
+
+def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState],
+                  tensors: Mapping[str, torch.Tensor]) -> Adapter:
+    """Build each module's delta on its target's device and dtype."""
+    layers: dict[str, dict[str, WeightDelta]] = {}
+    for m in plan.modules:
+        weight = states[m.component].index.modules[m.path].weight
+        delta = build_delta(m.keys, tensors.__getitem__, m.alpha)
+        delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        layers.setdefault(m.component, {})[m.path] = delta
+    return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
+                   metadata=dict(plan.source.metadata))

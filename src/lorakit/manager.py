@@ -1,0 +1,366 @@
+"""LoraManager: the adapters of one pipeline or model, and every LoRA verb of the diffusers API.
+
+Example:
+    >>> import lorakit
+    >>> manager = lorakit.attach(pipe)                       # doctest: +SKIP
+    >>> pipe.load_lora_weights("style.safetensors", adapter_name="style")   # doctest: +SKIP
+    >>> pipe.set_adapters(["style"], adapter_weights=[0.7])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .adapter import Adapter
+from .errors import AdapterError, FusingError, LoraError, preview
+from .families import call_scale_kwarg, is_text_encoder
+from .io import open_source
+from .layers import LayerState
+from .loading import build_adapter, plan_load
+from .scales import ScaleRule, build_rule
+from .state import ComponentState, FusedEntry
+
+Names = str | Sequence[str]
+
+
+def _as_list(names: Names | None) -> list[str] | None:
+    if names is None:
+        return None
+    return [names] if isinstance(names, str) else list(names)
+
+
+class LoraManager:
+    """Owns the adapters of a pipeline's components (or of one bare model) and serves the diffusers LoRA API.
+
+    Args:
+        components: ``{name: module}`` for every LoRA-capable component (``unet``, ``text_encoder``...).
+        backup_device: where the exact copies of targeted weights live (default: each weight's own device).
+            Choose ``"cpu"`` to save accelerator memory at the cost of slower switches.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module], *, backup_device: str | torch.device | None = None):
+        self.states: dict[str, ComponentState] = {
+            name: ComponentState(name, model, is_text_encoder(model), call_scale_kwarg(model))
+            for name, model in components.items()
+        }
+        self.adapters: dict[str, Adapter] = {}
+        self.backup_device = torch.device(backup_device) if backup_device is not None else None
+        self.hotswap_rank: int | None = None
+        self._loaded = 0
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _states(self, components: Sequence[str] | None) -> list[ComponentState]:
+        if components is None:
+            return list(self.states.values())
+        unknown = [c for c in components if c not in self.states]
+        if unknown:
+            raise LoraError(f"unknown component(s) {unknown}; this pipeline has {list(self.states)}.")
+        return [self.states[c] for c in components]
+
+    def _check_names(self, names: list[str], states: list[ComponentState] | None = None) -> None:
+        known = {a for s in (states or self.states.values()) for a in s.adapters}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise AdapterError(f"adapter(s) {missing} are not loaded{' in ' + str([s.name for s in states]) if states else ''}; "
+                               f"loaded adapters: {sorted(known) or 'none'}.")
+
+    # ----------------------------------------------------------------------------------------------- loading
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+                          weight_name: str | None = None, adapter_name: str | None = None, hotswap: bool = False,
+                          prefix: str | None = None, *, strict: bool = True, allow_pickle: bool = False,
+                          components: Sequence[str] | None = None, **hub_kwargs: Any) -> str:
+        """Load a LoRA into every component it targets, make it the active adapter there, and return its name.
+
+        ``src`` is a file, a folder (+ ``weight_name``), a hub repo id (+ ``weight_name``, through huggingface_hub and
+        its cache) or a dict of tensors. Formats are detected from the keys. Every key and shape is checked before
+        anything changes; keys that match no module raise :class:`LoraError` unless ``strict=False``.
+
+        Example:
+            >>> pipe.load_lora_weights("lora.safetensors", adapter_name="style")  # doctest: +SKIP
+            'style'
+        """
+        hub_kwargs.pop("low_cpu_mem_usage", None)  # lorakit never builds throw-away modules: always "low"
+        source = open_source(pretrained_model_name_or_path_or_dict, weight_name, allow_pickle=allow_pickle,
+                             subfolder=hub_kwargs.pop("subfolder", None),
+                             **{k: hub_kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "revision")
+                                if k in hub_kwargs})
+        if hub_kwargs:
+            raise LoraError(f"load_lora_weights: unknown keyword argument(s) {sorted(hub_kwargs)}.")
+        scope = list(components) if components is not None else None
+        if scope is not None:
+            self._states(scope)
+        if hotswap:
+            return self._hotswap(source, adapter_name, scope, prefix, strict)
+        name = adapter_name if adapter_name is not None else f"default_{self._loaded}"
+        if name in self.adapters:
+            raise AdapterError(f"adapter name {name!r} is already in use (loaded from {self.adapters[name].source}). "
+                               f"Pick another adapter_name, delete_adapters({name!r}) first, or pass hotswap=True "
+                               f"to replace it in place.")
+        plan = plan_load(source, self.states, scope=scope, prefix=prefix, strict=strict)
+        adapter = build_adapter(plan, name, self.states, source.load())
+        self._register(adapter)
+        self._loaded += 1
+        return name
+
+    def _register(self, adapter: Adapter) -> None:
+        self.adapters[adapter.name] = adapter
+        for comp, modules in adapter.layers.items():
+            state = self.states[comp]
+            for path, delta in modules.items():
+                layer = state.layers.get(path)
+                if layer is None:
+                    layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
+                layer.deltas[adapter.name] = delta
+            state.adapters.append(adapter.name)
+            state.active = [adapter.name]  # as diffusers: a new adapter becomes the one active adapter
+            state.rules[adapter.name] = ScaleRule()
+            state.sync()
+
+    def _hotswap(self, source, adapter_name: str | None, scope, prefix, strict) -> str:
+        if adapter_name is None or adapter_name not in self.adapters:
+            raise AdapterError(f"hotswap=True replaces an existing adapter: pass adapter_name= one of "
+                               f"{sorted(self.adapters) or 'none (load one first)'}.")
+        fused = [s.name for s in self.states.values() if adapter_name in s.fused_names()]
+        if fused:
+            raise AdapterError(f"adapter {adapter_name!r} is fused into {fused}; unfuse_lora() before hotswapping it.")
+        plan = plan_load(source, self.states, scope=scope, prefix=prefix, strict=strict)
+        if self.hotswap_rank is not None:
+            too_big = [f"{m.component}.{m.path}" for m in plan.modules if m.keys.algorithm == "lora"
+                       and source.infos[m.keys.fields["down"]].shape[0] > self.hotswap_rank]
+            if too_big:
+                raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
+                                   f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
+                                   f"before the first load. Adapter {adapter_name!r} is unchanged.")
+        new = build_adapter(plan, adapter_name, self.states, source.load())
+        old = self.adapters[adapter_name]
+        for comp, modules in old.layers.items():  # drop the old deltas...
+            for path in modules:
+                self.states[comp].layers[path].deltas.pop(adapter_name, None)
+        for comp, modules in new.layers.items():  # ...and put the new ones where the old ones were
+            state = self.states[comp]
+            for path, delta in modules.items():
+                layer = state.layers.get(path)
+                if layer is None:
+                    layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
+                layer.deltas[adapter_name] = delta
+            if adapter_name not in state.adapters:
+                state.adapters.append(adapter_name)
+                state.rules.setdefault(adapter_name, ScaleRule())
+        self.adapters[adapter_name] = new
+        for state in self.states.values():
+            if adapter_name in state.adapters and state.name not in new.layers:
+                state.adapters.remove(adapter_name)
+                state.active = [a for a in state.active if a != adapter_name]
+            self._prune(state)
+            state.sync()
+        return adapter_name
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """Prepare for hotswapping. lorakit merges adapters into the weights in place, so a hotswap never changes a
+        module, a shape or a Python attribute that a compiled graph depends on: any rank and any set of target layers
+        can be swapped in. ``target_rank`` is kept as an upper bound that hotswaps are checked against."""
+        if target_rank < 1:
+            raise LoraError(f"enable_lora_hotswap: target_rank must be >= 1, found {target_rank}.")
+        self.hotswap_rank = int(target_rank)
+
+    # ------------------------------------------------------------------------------------ activation & scales
+    def set_adapters(self, adapter_names: Names, adapter_weights: Any = None, *,
+                     components: Sequence[str] | None = None) -> None:
+        """Activate these adapters (and only these) with per-adapter weights.
+
+        A weight is a float, None (1.0), or a dict per component (``{"unet": ..., "text_encoder": 0.5}``), where a
+        denoiser's value may itself be a per-block dict (see :mod:`lorakit.scales`).
+
+        Example:
+            >>> pipe.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])  # doctest: +SKIP
+        """
+        names = _as_list(adapter_names)
+        states = self._states(components)
+        if len(set(names)) != len(names):
+            raise AdapterError(f"set_adapters: adapter names must be unique, found {names}.")
+        self._check_names(names, states)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise LoraError(f"set_adapters: {len(names)} adapter name(s) but {len(weights)} weight(s); give one "
+                            f"weight per adapter.")
+        plans: dict[str, tuple[list[str], dict[str, ScaleRule]]] = {}
+        for state in states:
+            active, rules = [], {}
+            for name, weight in zip(names, weights):
+                value = weight
+                if isinstance(weight, Mapping) and components is None:
+                    unknown = [k for k in weight if k not in self.states]
+                    if unknown:
+                        raise LoraError(f"set_adapters: weights for {name!r} name component(s) {unknown}; this "
+                                        f"pipeline has {list(self.states)}.")
+                    value = weight.get(state.name)
+                if name in state.adapters:
+                    active.append(name)
+                    rules[name] = build_rule(state.model, value, f"weight of {name!r} for {state.name}")
+            plans[state.name] = (active, rules)
+        for state in states:  # everything checked: now apply
+            state.active, rules = plans[state.name]
+            state.rules.update(rules)
+            state.sync()
+
+    def disable_lora(self, components: Sequence[str] | None = None) -> None:
+        """Run the base model (fused adapters included) while keeping every adapter loaded."""
+        for state in self._states(components):
+            state.enabled = False
+            state.sync()
+
+    def enable_lora(self, components: Sequence[str] | None = None) -> None:
+        """Undo :meth:`disable_lora`."""
+        for state in self._states(components):
+            state.enabled = True
+            state.sync()
+
+    def get_active_adapters(self) -> list[str]:
+        """Active adapters over all components, in order of first appearance."""
+        out: list[str] = []
+        for state in self.states.values():
+            out += [a for a in state.active if a not in out]
+        return out
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """``{component: [loaded adapter names]}`` for components that hold any."""
+        return {s.name: list(s.adapters) for s in self.states.values() if s.adapters}
+
+    @contextlib.contextmanager
+    def call_scale(self, scale: float | None, components: Sequence[str] | None = None) -> Iterator[None]:
+        """Scale every active, unfused adapter by ``scale`` for the duration of a call (diffusers' runtime scale)."""
+        states = self._states(components)
+        try:
+            for s in states:
+                self.apply_call_scale(s, scale)
+            yield
+        finally:
+            for s in states:
+                self.apply_call_scale(s, 1.0)
+
+    def apply_call_scale(self, state: ComponentState, scale: float | None) -> None:
+        scale = 1.0 if scale is None else float(scale)
+        if scale != state.call_scale:
+            state.call_scale = scale
+            state.sync()
+
+    # ----------------------------------------------------------------------------------------- fuse / unfuse
+    def fuse_lora(self, components: Sequence[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: Names | None = None, **deprecated: Any) -> None:
+        """Bake adapters (default: the active ones) into the weights at their current weights times ``lora_scale``.
+
+        Fused adapters stop being affected by ``set_adapters`` and call-time scales; :meth:`unfuse_lora` removes
+        them exactly. With ``safe_fusing=True`` every new weight is checked for NaN/inf first and nothing changes if
+        one is found.
+        """
+        if deprecated:
+            raise LoraError(f"fuse_lora: unknown keyword argument(s) {sorted(deprecated)}; use components=[...].")
+        names = _as_list(adapter_names)
+        states = self._states(components)
+        if names is not None:
+            self._check_names(names)
+        entries: list[tuple[ComponentState, FusedEntry]] = []
+        for state in states:
+            fused = set(state.fused_names())
+            chosen = [n for n in (names if names is not None else state.active) if n in state.adapters and n not in fused]
+            rule_of = lambda n: state.rules.get(n, ScaleRule())  # noqa: E731
+            for name in chosen:
+                contribs = {path: (layer.deltas[name], rule_of(name)(path) * lora_scale * layer.deltas[name].scale)
+                            for path, layer in state.layers.items() if name in layer.deltas}
+                entries.append((state, FusedEntry(name, contribs)))
+        if safe_fusing:
+            for state, entry in entries:
+                for path in entry.contributions:
+                    layer = state.layers[path]
+                    planned = state.contributions(path, layer, include_live=False) + [entry.contributions[path]]
+                    if not torch.isfinite(layer.compute(planned)).all():
+                        raise FusingError(f"fuse_lora(safe_fusing=True): adapter {entry.adapter!r} gives non-finite "
+                                          f"weights at {state.name}.{path}. Nothing was fused; check the LoRA file.")
+        for state, entry in entries:
+            state.fused.append(entry)
+        for state in {id(s): s for s, _ in entries}.values():
+            state.sync()
+
+    def unfuse_lora(self, components: Sequence[str] | None = None, **deprecated: Any) -> None:
+        """Remove every fused adapter from these components; base weights come back bit-exactly."""
+        for state in self._states(components):
+            if state.fused:
+                state.fused.clear()
+                state.sync()
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len({f.adapter for s in self.states.values() for f in s.fused})
+
+    @property
+    def fused_loras(self) -> dict[str, list[str]]:
+        return {s.name: s.fused_names() for s in self.states.values() if s.fused}
+
+    # ------------------------------------------------------------------------------------ delete / unload
+    def delete_adapters(self, adapter_names: Names, components: Sequence[str] | None = None) -> None:
+        """Remove adapters and their layers; a fused adapter stays fused (its fused delta is kept for unfuse)."""
+        names = _as_list(adapter_names)
+        states = self._states(components)
+        self._check_names(names, states)
+        for state in states:
+            for name in names:
+                if name not in state.adapters:
+                    continue
+                state.adapters.remove(name)
+                was_active = name in state.active
+                state.active = [a for a in state.active if a != name]
+                if was_active and not state.active and state.adapters:
+                    state.active = [state.adapters[0]]  # as PEFT: the first remaining adapter takes over
+                state.rules.pop(name, None)
+                for layer in state.layers.values():
+                    layer.deltas.pop(name, None)
+                self._forget(name, state.name)
+            self._prune(state)
+            state.sync()
+
+    def _forget(self, name: str, component: str) -> None:
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return
+        adapter.layers.pop(component, None)
+        if not adapter.components:
+            del self.adapters[name]
+
+    def _prune(self, state: ComponentState) -> None:
+        """Drop layers that hold no adapter and no fused delta (restoring their base first)."""
+        for path in [p for p, l in state.layers.items() if not l.deltas
+                     and not any(p in f.contributions for f in state.fused)]:
+            state.layers.pop(path).release([])
+
+    def unload_lora_weights(self, components: Sequence[str] | None = None) -> None:
+        """Remove every adapter. Weights return bit-exactly to the base, except what the user fused, which stays
+        fused (diffusers' fuse -> unload -> save_pretrained / compile flow)."""
+        for state in self._states(components):
+            for path, layer in state.layers.items():
+                layer.release(state.contributions(path, layer, include_live=False) if state.enabled else [])
+            for name in list(state.adapters):
+                self._forget(name, state.name)
+            state.layers.clear()
+            state.adapters.clear()
+            state.active.clear()
+            state.rules.clear()
+            state.fused.clear()
+            state.enabled = True
+
+    # ----------------------------------------------------------------------------------------------- info
+    def __repr__(self) -> str:
+        parts = [f"{s.name}: {len(s.adapters)} adapter(s), {len(s.layers)} layer(s)" for s in self.states.values()]
+        return f"LoraManager({'; '.join(parts)})"
+
+
+# Saving lives in its own module; bound here so the manager exposes the diffusers verbs in one place.
+from .saving import save_lora_adapter, save_lora_weights  # noqa: E402
+
+LoraManager.save_lora_adapter = save_lora_adapter  # type: ignore[attr-defined]
+LoraManager.save_lora_weights = save_lora_weights  # type: ignore[attr-defined]

@@ -1,0 +1,64 @@
+"""Per-component bookkeeping: which adapters a component holds, which are active, fused, and at what scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .layers import Contribution, LayerState
+from .scales import ScaleRule
+from .targets import ModuleIndex
+
+
+@dataclass
+class FusedEntry:
+    """An adapter the user fused: the exact contributions it was fused with, kept so unfuse is exact."""
+
+    adapter: str
+    contributions: dict[str, Contribution]
+
+
+@dataclass
+class ComponentState:
+    """One LoRA-capable component (``unet``, ``transformer``, ``text_encoder``...) of a pipeline or a bare model."""
+
+    name: str
+    model: nn.Module
+    is_text_encoder: bool
+    call_kwarg: str | None = None
+    layers: dict[str, LayerState] = field(default_factory=dict)
+    adapters: list[str] = field(default_factory=list)
+    active: list[str] = field(default_factory=list)
+    rules: dict[str, ScaleRule] = field(default_factory=dict)
+    fused: list[FusedEntry] = field(default_factory=list)
+    enabled: bool = True
+    call_scale: float = 1.0
+    _index: ModuleIndex | None = None
+
+    @property
+    def index(self) -> ModuleIndex:
+        if self._index is None:
+            self._index = ModuleIndex(self.model)
+        return self._index
+
+    def fused_names(self) -> list[str]:
+        return [f.adapter for f in self.fused]
+
+    def contributions(self, path: str, layer: LayerState, include_live: bool = True) -> list[Contribution]:
+        """What the weight at ``path`` should hold now: fused adapters, then active unfused ones."""
+        if not self.enabled:
+            return []
+        out = [f.contributions[path] for f in self.fused if path in f.contributions]
+        if include_live:
+            fused = set(self.fused_names())
+            for name in self.active:
+                delta = layer.deltas.get(name)
+                if delta is not None and name not in fused:
+                    out.append((delta, self.rules.get(name, ScaleRule())(path) * self.call_scale * delta.scale))
+        return out
+
+    def sync(self) -> None:
+        """Bring every layer's weight in line with the current state."""
+        for path, layer in self.layers.items():
+            layer.write(self.contributions(path, layer))
