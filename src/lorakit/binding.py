@@ -13,6 +13,7 @@ for diffusers runs unchanged, with or without PEFT installed. The call-time scal
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import Any
 
@@ -81,6 +82,7 @@ def attach(obj: Any, *, backup_device: str | torch.device | None = None) -> Lora
         for verb in _PIPELINE_VERBS:
             object.__setattr__(obj, verb, getattr(manager, verb))
         _wrap_encode_prompt(obj, manager)
+        manager.fuse_defaults = _diffusers_default(type(obj), "fuse_lora", "components")
     for name, model in components.items():
         _bind_model(model, name, manager)
     object.__setattr__(obj, _ATTR, manager)
@@ -143,6 +145,15 @@ class ModelVerbs:
     VERBS = ("load_lora_adapter", "set_adapters", "set_adapter", "fuse_lora", "unfuse_lora", "disable_lora",
              "enable_lora", "disable_adapters", "enable_adapters", "delete_adapters", "unload_lora",
              "unload_lora_weights", "active_adapters", "get_list_adapters", "save_lora_adapter", "enable_lora_hotswap")
+
+
+def _diffusers_default(cls: type, method: str, parameter: str) -> Any:
+    """The default of a parameter of the pipeline class's own diffusers method (None if it has none)."""
+    try:
+        default = inspect.signature(getattr(cls, method)).parameters[parameter].default
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else default
 
 
 def _bind_model(model: nn.Module, name: str, manager: LoraManager) -> None:

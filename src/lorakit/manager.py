@@ -52,6 +52,8 @@ class LoraManager:
         self.adapters: dict[str, Adapter] = {}
         self.backup_device = torch.device(backup_device) if backup_device is not None else None
         self.hotswap_rank: int | None = None
+        # Components fuse_lora acts on by default: the pipeline's own diffusers default (Flux: transformer only).
+        self.fuse_defaults: list[str] | None = None
         self._loaded = 0
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -262,6 +264,8 @@ class LoraManager:
         if deprecated:
             raise LoraError(f"fuse_lora: unknown keyword argument(s) {sorted(deprecated)}; use components=[...].")
         names = _as_list(adapter_names)
+        if components is None and self.fuse_defaults is not None:
+            components = [c for c in self.fuse_defaults if c in self.states]
         states = self._states(components)
         if names is not None:
             self._check_names(names)
