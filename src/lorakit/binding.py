@@ -162,6 +162,7 @@ def _bind_model(model: nn.Module, name: str, manager: LoraManager) -> None:
         object.__setattr__(model, verb, getattr(verbs, verb))
     object.__setattr__(model, _ATTR, manager)
     state = manager.states[name]
+    model._register_state_dict_hook(state.state_dict_hook)
     if state.call_kwarg is not None:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if torch.compiler.is_compiling():

@@ -36,24 +36,31 @@ class LayerState:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def compute(self, contributions: list[Contribution]) -> torch.Tensor:
-        """The weight ``base + sum(c * delta)`` for these contributions, rounded once to the weight's dtype."""
-        w = self.weight
-        base = self.base if self.base is not None else w.detach()
+    def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.
-        cdtype = w.dtype if w.device.type == "cuda" else torch.float32
-        acc = base.to(device=w.device, dtype=cdtype).reshape(w.shape[0], -1)
+        w = self.weight
+        return w.dtype if w.device.type == "cuda" else torch.float32
+
+    @staticmethod
+    def _accumulate(acc: torch.Tensor, contributions: list[Contribution]) -> None:
+        """``acc += sum(c * delta)`` in place; ``acc`` is the 2-D [out, in*kh*kw] view of a weight."""
         ups, downs = [], []
         for delta, mult in contributions:
             pair = delta.low_rank()
             if pair is not None:
-                up, down = pair
-                ups.append(up.to(cdtype) * mult)
-                downs.append(down.to(cdtype))
+                ups.append(pair[0].to(acc.device, acc.dtype) * mult)
+                downs.append(pair[1].to(acc.device, acc.dtype))
             else:
-                acc = acc + mult * delta.unscaled_delta(tuple(acc.shape), cdtype)
-        if ups:
-            acc = torch.addmm(acc, torch.cat(ups, 1), torch.cat(downs, 0))
+                acc.add_(delta.unscaled_delta(tuple(acc.shape), acc.dtype).to(acc.device), alpha=mult)
+        if ups:  # every low-rank adapter in one matmul: [out, sum r] @ [sum r, in]
+            acc.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
+
+    def compute(self, contributions: list[Contribution]) -> torch.Tensor:
+        """The weight ``base + sum(c * delta)`` for these contributions, rounded once to the weight's dtype."""
+        w = self.weight
+        base = self.base if self.base is not None else w.detach()
+        acc = base.to(device=w.device, dtype=self._compute_dtype(), copy=True).reshape(w.shape[0], -1)
+        self._accumulate(acc, contributions)
         return acc.reshape(w.shape).to(w.dtype)
 
     @torch.no_grad()
@@ -63,13 +70,15 @@ class LayerState:
         if signature == self.applied:
             return
         w = self.weight
-        if not contributions:
-            if self.base is not None:
-                w.copy_(self.base)
-        else:
-            if self.base is None:
-                self.base = w.detach().to(self.backup_device or w.device, copy=True)
-            w.copy_(self.compute(contributions))
+        if contributions and self.base is None:
+            self.base = w.detach().to(self.backup_device or w.device, copy=True)
+        if self.base is not None:
+            w.copy_(self.base)  # exact restore; also the starting point of a merge
+        if contributions:
+            if w.dtype == self._compute_dtype() and w.is_contiguous():
+                self._accumulate(w.view(w.shape[0], -1), contributions)  # in place, no temporaries
+            else:
+                w.copy_(self.compute(contributions))
         self.applied = signature
 
     @torch.no_grad()

@@ -58,6 +58,25 @@ class ComponentState:
                     out.append((delta, self.rules.get(name, ScaleRule())(path) * self.call_scale * delta.scale))
         return out
 
+    def visible_weight(self, path: str, layer: LayerState):
+        """The weight as diffusers+PEFT would show it: base plus what the user fused, without live adapters.
+
+        lorakit merges active adapters into the weights to run at base speed; ``state_dict()`` reports this
+        instead, so saving or inspecting a model never picks up the internal merge.
+        """
+        if layer.base is None:
+            return layer.weight.detach()
+        fused = self.contributions(path, layer, include_live=False)
+        if len(fused) == len(self.contributions(path, layer)):
+            return layer.weight.detach()
+        return layer.compute(fused) if fused else layer.base.to(layer.weight.device)
+
+    def state_dict_hook(self, module, state_dict: dict, prefix: str, local_metadata) -> None:
+        for path, layer in self.layers.items():
+            key = f"{prefix}{path}.weight"
+            if key in state_dict:
+                state_dict[key] = self.visible_weight(path, layer)
+
     def sync(self) -> None:
         """Bring every layer's weight in line with the current state."""
         for path, layer in self.layers.items():
