@@ -80,7 +80,8 @@ def _per_block(model: nn.Module, attr: str, value: Any, where: str, out: dict[st
     for key, sub in items:
         i = _block_index(key, where)
         if i >= len(blocks):
-            raise LoraError(f"set_adapters: {where} names block {i}, but {attr} has blocks 0..{len(blocks) - 1}.")
+            raise LoraError(f"set_adapters: {where} names {key!r}, but {attr} has blocks 0..{len(blocks) - 1} "
+                            f"(block_0..block_{len(blocks) - 1}).")
         prefix = f"{attr}.{i}"
         if isinstance(sub, (list, tuple)) and hasattr(blocks[i], "resnets"):
             _per_layer(blocks[i], prefix, sub, f"{where}[{key!r}]", out)
