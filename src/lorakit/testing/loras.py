@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..adapter import LoraWeights
-from ..families import is_text_encoder, unet_ldm_names
+from ..families import is_text_encoder, is_unet, unet_ldm_names
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 TRANSFORMER_TARGETS = ATTENTION_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "fc1", "fc2")
@@ -55,7 +55,7 @@ def to_state_dict(layers: dict[str, LoraWeights], fmt: str, namespace: str | Non
     ``text_model_`` level as real files do; ``kohya_ldm`` needs the UNet ``model`` for LDM names; ``sdxl_te`` writes
     ``lora_te1_`` for the first text encoder."""
     sd: dict[str, torch.Tensor] = {}
-    ldm = unet_ldm_names(model) if fmt == "kohya_ldm" else {}
+    ldm = unet_ldm_names(model) if fmt == "kohya_ldm" and model is not None and is_unet(model) else {}
     text = model is not None and is_text_encoder(model) or (namespace or "").startswith("text_encoder")
     dot = f"{namespace}." if namespace else ""
     for path, w in layers.items():
