@@ -126,7 +126,7 @@ def _load_pickle(path: Path) -> LoraSource:
     if not isinstance(obj, Mapping):
         raise LoraFileError(f"{path}: expected a dict of tensors, found {type(obj).__name__}.")
     src = _from_dict(obj, str(path))
-    src.path = path
+    src.path, src.size_bytes = path, path.stat().st_size
     return src
 
 

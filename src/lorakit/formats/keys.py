@@ -53,7 +53,8 @@ LOKR_FIELDS = {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}
 
 
 def _is_embedding(key: str) -> bool:
-    return key.startswith("<") or key.startswith(("emb_params", "bundle_emb.", "text_encoders.", "clip_l", "clip_g"))
+    """Textual-inversion tensors some LoRA files carry (``<s1>``, ``emb_params``, ``bundle_emb.*``, bare ``clip_l``)."""
+    return key.startswith(("<", "emb_params", "bundle_emb.")) or key in ("clip_l", "clip_g")
 
 
 @dataclass

@@ -1,25 +1,27 @@
 """Diffusers pipelines and models built from config with seeded random weights.
 
-Nothing is downloaded: every model comes from a config written here, and the
-tokenizers are generated in memory. Weights are filled by :func:`randomize_`
-with one seeded ``torch.Generator`` per model, so the same seed always gives
-bit-identical weights on a given device type (CPU and CUDA generators differ).
+Nothing is downloaded: every model comes from a config written here and the
+tokenizers are generated in memory. Weights are filled by :func:`randomize_`,
+which seeds one generator per parameter from ``seed`` and the parameter's name,
+so the same seed always gives bit-identical weights on a given device type
+(CPU and CUDA generators produce different streams).
 
-The tiny builders (``tiny_*``) make pipelines that run end to end on a CPU in
-well under a second. The full-size builders (``sd15_*``, ``sdxl_*``,
-``flux_transformer``) have the real architectures' shapes, for benchmarks; they
+The ``tiny_*`` builders make pipelines that run end to end on a CPU in well
+under a second. The full-size builders (``sd15_*``, ``sdxl_*``,
+``flux_transformer``) have the real architectures' shapes, for benchmarks: they
 skip the libraries' slow default initialisation, allocate directly on the
-requested device in the requested dtype, and accept ``device="meta"`` to get a
-shape-only model with no storage.
+requested device in the requested dtype, and accept ``device="meta"`` for a
+shape-only model without storage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import math
 import string
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -69,15 +71,16 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: Vocabulary size of the real CLIP tokenizer (SD1.5 / SDXL text encoders).
 CLIP_VOCAB_SIZE = 49408
-#: Vocabulary size used by the tiny text encoders and their tokenizers.
+#: Vocabulary size of the tiny text encoders and their tokenizers.
 TINY_VOCAB_SIZE = 1000
 CLIP_MAX_LENGTH = 77
 
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
 _EOW = "</w>"
+_WORD_START = "\u2581"  # SentencePiece's "▁"
 
-# torch.nn.init functions that modules call from their constructors / reset_parameters.
+# torch.nn.init functions that modules call from their constructors.
 _TORCH_INIT_FUNCTIONS = (
     "uniform_",
     "normal_",
@@ -129,7 +132,10 @@ def _skip_default_init() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _building(device: DeviceLike, dtype: torch.dtype) -> Iterator[None]:
-    """Allocate new modules on ``device`` in ``dtype`` without initialising them."""
+    """Create modules on ``device`` in ``dtype`` without initialising their weights.
+
+    Sets torch's default dtype while active, which is process-global.
+    """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
     previous = torch.get_default_dtype()
@@ -142,8 +148,9 @@ def _building(device: DeviceLike, dtype: torch.dtype) -> Iterator[None]:
 
 
 def _derive_seed(seed: int, key: str) -> int:
-    """Derive a seed for ``key`` (a component or parameter name) from ``seed``."""
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+    """A 63-bit seed derived from ``seed`` and ``key`` (a component or parameter name)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @torch.no_grad()
@@ -155,15 +162,15 @@ def _uniform_(param: torch.Tensor, bound: float, seed: int) -> None:
 
 @torch.no_grad()
 def randomize_(model: ModuleT, seed: int = 0) -> ModuleT:
-    """Fill every parameter of ``model`` in place with seeded random values.
+    """Fill every parameter of ``model`` in place with seeded random values; return it.
 
     Matrices and kernels get ``U(-b, b)`` with the variance of
     ``N(0, 1/fan_in)`` (embeddings: std 0.02); 1-D ``weight`` parameters (norm
-    scales) are set to one and all other vectors (biases) to zero. Each
-    parameter has its own generator seeded from ``seed`` and its name, so the
-    values do not depend on fill order and CPU tensors are filled by a thread
-    pool. Uniform is used because it is several times faster than ``normal_``
-    on CPU. Meta parameters are left alone.
+    scales) are set to one and other vectors (biases) to zero. Each parameter
+    has its own generator seeded from ``seed`` and its name, so values do not
+    depend on fill order, and CPU tensors are filled by a thread pool. Uniform
+    is used because it is several times faster than ``normal_`` on CPU. Meta
+    tensors are skipped.
     """
     modules = dict(model.named_modules())
     jobs: list[tuple[torch.Tensor, float, int]] = []
@@ -175,20 +182,20 @@ def randomize_(model: ModuleT, seed: int = 0) -> ModuleT:
             if isinstance(modules[owner], nn.Embedding):
                 std = 0.02
             else:
-                std = 1.0 / math.sqrt(param[0].numel())
+                std = 1.0 / math.sqrt(math.prod(param.shape[1:]))
             jobs.append((param, std * math.sqrt(3.0), _derive_seed(seed, name)))
         elif leaf == "weight":
             param.fill_(1.0)
         else:
             param.zero_()
 
-    cpu_jobs = sorted((j for j in jobs if j[0].device.type == "cpu"), key=lambda j: -j[0].numel())
+    cpu_jobs = sorted((job for job in jobs if job[0].device.type == "cpu"), key=lambda job: -job[0].numel())
     for job in jobs:
         if job[0].device.type != "cpu":
             _uniform_(*job)
     workers = min(torch.get_num_threads(), len(cpu_jobs))
     if workers > 1:
-        # uniform_ is single-threaded on CPU and releases the GIL.
+        # CPU uniform_ runs on one thread and releases the GIL.
         with ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(lambda job: _uniform_(*job), cpu_jobs):
                 pass
@@ -198,8 +205,12 @@ def randomize_(model: ModuleT, seed: int = 0) -> ModuleT:
     return model
 
 
-def _finish(model: ModuleT, seed: int, dtype: torch.dtype) -> ModuleT:
-    """Randomise a freshly built model, cast stragglers to ``dtype``, set eval mode."""
+def _build(
+    factory: Callable[[], ModuleT], *, seed: int, dtype: torch.dtype, device: DeviceLike
+) -> ModuleT:
+    """Create a model with ``factory`` on ``device`` in ``dtype``, randomise it, set eval mode."""
+    with _building(device, dtype):
+        model = factory()
     randomize_(model, seed)
     if any(t.is_floating_point() and t.dtype != dtype for t in model.state_dict().values()):
         model = model.to(dtype=dtype)
@@ -212,49 +223,38 @@ def _finish(model: ModuleT, seed: int, dtype: torch.dtype) -> ModuleT:
 
 
 def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes, in byte order."""
+    """The 256 printable characters byte-level BPE uses for raw bytes, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    symbols: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
+    symbols = {b: chr(b) for b in printable}
+    unprintable = (b for b in range(256) if b not in symbols)
+    symbols.update({b: chr(256 + i) for i, b in enumerate(unprintable)})
     return [symbols[b] for b in range(256)]
 
 
 def _clip_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Build a CLIP-style vocab (bytes, bytes + ``</w>``, merges, specials) and its merges.
+    """A CLIP-style vocab (bytes, bytes + ``</w>``, merged pairs, specials) and its merges.
 
-    Merges join two byte symbols, letters and digits first, until the vocabulary
+    Merges join two byte symbols, letters and digits first, until the vocab
     reaches ``vocab_size``; the two special tokens take the last two ids.
     """
     symbols = _byte_symbols()
     tokens = symbols + [s + _EOW for s in symbols]
     n_merges = vocab_size - len(tokens) - 2
-    if n_merges < 0:
-        raise ValueError(f"CLIP vocab_size must be at least {len(tokens) + 2}, got {vocab_size}")
     common = string.ascii_lowercase + string.digits
     ordered = list(common) + [s for s in symbols if s not in common]
-    merges: list[tuple[str, str]] = []
-    for left in ordered:
-        for right in ordered:
-            for suffix in (_EOW, ""):
-                if len(merges) == n_merges:
-                    break
-                merges.append((left, right + suffix))
-                tokens.append(left + right + suffix)
-    if len(merges) < n_merges:
-        raise ValueError(f"CLIP vocab_size {vocab_size} is too large for two-symbol merges")
-    tokens += [_BOS, _EOS]
+    pairs = ((a, b + end) for a in ordered for b in ordered for end in (_EOW, ""))
+    merges = list(itertools.islice(pairs, max(n_merges, 0)))
+    if n_merges < 0 or len(merges) < n_merges:
+        raise ValueError(f"CLIP vocab_size must be in [{len(tokens) + 2}, {len(tokens) + 2 + 2 * 256**2}]")
+    tokens += [a + b for a, b in merges] + [_BOS, _EOS]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
 def clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE) -> CLIPTokenizer:
     """A byte-level BPE ``CLIPTokenizer`` of ``vocab_size`` tokens, built in memory.
 
-    ``<|startoftext|>`` and ``<|endoftext|>`` are ids ``vocab_size - 2`` and
-    ``vocab_size - 1`` (as in real CLIP); padding uses ``<|endoftext|>``.
+    As in real CLIP, ``<|startoftext|>`` and ``<|endoftext|>`` are the last two
+    ids, padding uses ``<|endoftext|>`` and ``model_max_length`` is 77.
     """
     vocab, merges = _clip_vocab(vocab_size)
     return CLIPTokenizer(
@@ -271,24 +271,23 @@ def clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE) -> CLIPTokenizer:
 def t5_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, model_max_length: int = 512) -> T5TokenizerFast:
     """A Unigram ``T5TokenizerFast`` of ``vocab_size`` tokens, built in memory.
 
-    Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5; then come word-start
-    and plain pieces for single characters and character pairs.
+    Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5, followed by
+    word-start and inner pieces for single characters and lowercase pairs.
     """
-    pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
+    specials = ["<pad>", "</s>", "<unk>", _WORD_START]
     chars = string.ascii_lowercase + string.digits + string.ascii_uppercase + string.punctuation
-    candidates = ["\u2581" + c for c in chars] + list(chars)
-    candidates += ["\u2581" + a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
-    candidates += [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
-    n_regular = vocab_size - len(pieces)
+    pairs = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
+    candidates = [_WORD_START + c for c in chars] + list(chars) + [_WORD_START + p for p in pairs] + pairs
+    n_regular = vocab_size - len(specials)
     if not 0 <= n_regular <= len(candidates):
-        raise ValueError(f"T5 vocab_size must be in [{len(pieces)}, {len(pieces) + len(candidates)}]")
-    pieces += candidates[:n_regular]
+        raise ValueError(f"T5 vocab_size must be in [{len(specials)}, {len(specials) + len(candidates)}]")
+    pieces = specials + candidates[:n_regular]
     vocab = [(piece, 0.0 if i < 3 else -math.log(i)) for i, piece in enumerate(pieces)]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
 # --------------------------------------------------------------------------- #
-# Text encoders
+# Configs
 # --------------------------------------------------------------------------- #
 
 
@@ -298,7 +297,6 @@ def _clip_config(
     num_layers: int,
     num_heads: int,
     intermediate_size: int,
-    projection_dim: int,
     vocab_size: int,
     hidden_act: str,
 ) -> CLIPTextConfig:
@@ -307,7 +305,7 @@ def _clip_config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        projection_dim=projection_dim,
+        projection_dim=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -325,80 +323,69 @@ def _tiny_clip_config() -> CLIPTextConfig:
         num_layers=2,
         num_heads=4,
         intermediate_size=37,
-        projection_dim=32,
         vocab_size=TINY_VOCAB_SIZE,
         hidden_act="gelu",
     )
 
 
 def _clip_l_config() -> CLIPTextConfig:
+    """CLIP ViT-L/14 text tower (SD1.5, and SDXL's first encoder)."""
     return _clip_config(
         hidden_size=768,
         num_layers=12,
         num_heads=12,
         intermediate_size=3072,
-        projection_dim=768,
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_act="quick_gelu",
     )
 
 
 def _clip_g_config() -> CLIPTextConfig:
+    """OpenCLIP ViT-bigG/14 text tower (SDXL's second encoder)."""
     return _clip_config(
         hidden_size=1280,
         num_layers=32,
         num_heads=20,
         intermediate_size=5120,
-        projection_dim=1280,
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_act="gelu",
     )
 
 
-def _build_clip(
-    config: CLIPTextConfig,
-    *,
-    projection: bool,
-    seed: int,
-    dtype: torch.dtype,
-    device: DeviceLike,
-) -> CLIPTextModel | CLIPTextModelWithProjection:
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    with _building(device, dtype):
-        model = cls(config)
-    return _finish(model, seed, dtype)
+def _tiny_t5_config() -> T5Config:
+    return T5Config(
+        vocab_size=TINY_VOCAB_SIZE,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
 
 
-# --------------------------------------------------------------------------- #
-# Tiny pipelines
-# --------------------------------------------------------------------------- #
-
-
-def _build_vae(
-    *,
-    block_out_channels: tuple[int, ...],
-    seed: int,
-    dtype: torch.dtype,
-    device: DeviceLike,
-    **config: object,
-) -> AutoencoderKL:
-    """A small ``AutoencoderKL`` with one resnet per level and 4 latent channels by default."""
+def _vae(block_out_channels: tuple[int, ...], **config: object) -> AutoencoderKL:
+    """A small ``AutoencoderKL`` that downsamples ``2 ** (levels - 1)`` times."""
     levels = len(block_out_channels)
-    with _building(device, dtype):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=block_out_channels,
-            layers_per_block=1,
-            norm_num_groups=min(32, *block_out_channels),
-            **config,  # type: ignore[arg-type]
-        )
-    return _finish(vae, seed, dtype)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, *block_out_channels),
+        **config,  # type: ignore[arg-type]
+    )
 
 
-def _sd_ddim_scheduler() -> DDIMScheduler:
+def _sd_scheduler() -> DDIMScheduler:
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -409,6 +396,11 @@ def _sd_ddim_scheduler() -> DDIMScheduler:
     )
 
 
+# --------------------------------------------------------------------------- #
+# Tiny pipelines
+# --------------------------------------------------------------------------- #
+
+
 def tiny_sd15_pipeline(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> StableDiffusionPipeline:
@@ -417,8 +409,8 @@ def tiny_sd15_pipeline(
     The UNet has a cross-attention down block, a plain down block, a
     cross-attention mid block, a plain up block and a cross-attention up block.
     """
-    with _building(device, dtype):
-        unet = UNet2DConditionModel(
+    unet = _build(
+        lambda: UNet2DConditionModel(
             sample_size=32,
             in_channels=4,
             out_channels=4,
@@ -429,19 +421,19 @@ def tiny_sd15_pipeline(
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=8,
-            norm_num_groups=32,
-        )
-    unet = _finish(unet, _derive_seed(seed, "unet"), dtype)
-    text_encoder = _build_clip(
-        _tiny_clip_config(),
-        projection=False,
+        ),
+        seed=_derive_seed(seed, "unet"),
+        dtype=dtype,
+        device=device,
+    )
+    text_encoder = _build(
+        lambda: CLIPTextModel(_tiny_clip_config()),
         seed=_derive_seed(seed, "text_encoder"),
         dtype=dtype,
         device=device,
     )
-    vae = _build_vae(
-        block_out_channels=(32, 64),
-        sample_size=64,
+    vae = _build(
+        lambda: _vae((32, 64), sample_size=64),
         seed=_derive_seed(seed, "vae"),
         dtype=dtype,
         device=device,
@@ -451,7 +443,7 @@ def tiny_sd15_pipeline(
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(TINY_VOCAB_SIZE),
         unet=unet,
-        scheduler=_sd_ddim_scheduler(),
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -465,27 +457,24 @@ def tiny_sdxl_pipeline(
 ) -> StableDiffusionXLPipeline:
     """A tiny SDXL-shaped ``StableDiffusionXLPipeline`` (default image size 64x64).
 
-    Two 32-wide text encoders feed a 64-dim cross-attention; the UNet uses the
-    ``text_time`` additional embedding like SDXL.
+    Two 32-wide text encoders feed a 64-dim cross-attention, and the UNet uses
+    SDXL's ``text_time`` added conditioning.
     """
-    text_encoder = _build_clip(
-        _tiny_clip_config(),
-        projection=False,
+    text_encoder = _build(
+        lambda: CLIPTextModel(_tiny_clip_config()),
         seed=_derive_seed(seed, "text_encoder"),
         dtype=dtype,
         device=device,
     )
-    text_encoder_2 = _build_clip(
-        _tiny_clip_config(),
-        projection=True,
+    text_encoder_2 = _build(
+        lambda: CLIPTextModelWithProjection(_tiny_clip_config()),
         seed=_derive_seed(seed, "text_encoder_2"),
         dtype=dtype,
         device=device,
     )
     time_embed_dim = 8
-    projection_dim = text_encoder_2.config.projection_dim
-    with _building(device, dtype):
-        unet = UNet2DConditionModel(
+    unet = _build(
+        lambda: UNet2DConditionModel(
             sample_size=32,
             in_channels=4,
             out_channels=4,
@@ -499,14 +488,14 @@ def tiny_sdxl_pipeline(
             cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
             addition_embed_type="text_time",
             addition_time_embed_dim=time_embed_dim,
-            projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
-            norm_num_groups=32,
-        )
-    unet = _finish(unet, _derive_seed(seed, "unet"), dtype)
-    vae = _build_vae(
-        block_out_channels=(32, 64),
-        sample_size=64,
-        scaling_factor=0.13025,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
+        ),
+        seed=_derive_seed(seed, "unet"),
+        dtype=dtype,
+        device=device,
+    )
+    vae = _build(
+        lambda: _vae((32, 64), sample_size=64, scaling_factor=0.13025),
         seed=_derive_seed(seed, "vae"),
         dtype=dtype,
         device=device,
@@ -535,58 +524,51 @@ def tiny_sdxl_pipeline(
 def tiny_flux_pipeline(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> FluxPipeline:
-    """A tiny FLUX-shaped ``FluxPipeline``; image sides must be multiples of 4.
+    """A tiny FLUX.1-shaped ``FluxPipeline``; image sides must be multiples of 4.
 
-    The VAE downsamples 2x to 4 latent channels, which Flux packs in 2x2
+    The VAE downsamples 2x to 4 latent channels, which Flux packs into 2x2
     patches, so the transformer sees 16 input channels.
     """
     latent_channels = 4
-    text_encoder = _build_clip(
-        _tiny_clip_config(),
-        projection=False,
+    text_encoder = _build(
+        lambda: CLIPTextModel(_tiny_clip_config()),
         seed=_derive_seed(seed, "text_encoder"),
         dtype=dtype,
         device=device,
     )
-    t5_config = T5Config(
-        vocab_size=TINY_VOCAB_SIZE,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    text_encoder_2 = _build(
+        lambda: T5EncoderModel(_tiny_t5_config()),
+        seed=_derive_seed(seed, "text_encoder_2"),
+        dtype=dtype,
+        device=device,
     )
-    with _building(device, dtype):
-        text_encoder_2 = T5EncoderModel(t5_config)
-        transformer = FluxTransformer2DModel(
+    transformer = _build(
+        lambda: FluxTransformer2DModel(
             patch_size=1,
             in_channels=latent_channels * 4,
             num_layers=1,
             num_single_layers=1,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=t5_config.d_model,
+            joint_attention_dim=text_encoder_2.config.d_model,
             pooled_projection_dim=text_encoder.config.hidden_size,
             guidance_embeds=False,
             axes_dims_rope=(4, 6, 6),
-        )
-    text_encoder_2 = _finish(text_encoder_2, _derive_seed(seed, "text_encoder_2"), dtype)
-    transformer = _finish(transformer, _derive_seed(seed, "transformer"), dtype)
-    vae = _build_vae(
-        block_out_channels=(32, 64),
-        latent_channels=latent_channels,
-        sample_size=32,
-        scaling_factor=1.5035,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        ),
+        seed=_derive_seed(seed, "transformer"),
+        dtype=dtype,
+        device=device,
+    )
+    vae = _build(
+        lambda: _vae(
+            (32, 64),
+            latent_channels=latent_channels,
+            sample_size=32,
+            scaling_factor=1.5035,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
         seed=_derive_seed(seed, "vae"),
         dtype=dtype,
         device=device,
@@ -621,8 +603,8 @@ def sd15_unet(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> UNet2DConditionModel:
     """A random ``UNet2DConditionModel`` with the Stable Diffusion 1.5 shape (~860M params)."""
-    with _building(device, dtype):
-        unet = UNet2DConditionModel(
+    return _build(
+        lambda: UNet2DConditionModel(
             sample_size=64,
             in_channels=4,
             out_channels=4,
@@ -638,24 +620,23 @@ def sd15_unet(
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=768,
             attention_head_dim=8,
-            norm_num_groups=32,
-        )
-    return _finish(unet, _derive_seed(seed, "unet"), dtype)
+        ),
+        seed=_derive_seed(seed, "unet"),
+        dtype=dtype,
+        device=device,
+    )
 
 
 def sd15_text_encoder(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> CLIPTextModel:
     """A random CLIP ViT-L/14-shaped ``CLIPTextModel`` (SD1.5's text encoder, ~123M params)."""
-    model = _build_clip(
-        _clip_l_config(),
-        projection=False,
+    return _build(
+        lambda: CLIPTextModel(_clip_l_config()),
         seed=_derive_seed(seed, "text_encoder"),
         dtype=dtype,
         device=device,
     )
-    assert isinstance(model, CLIPTextModel)
-    return model
 
 
 def sd15_pipeline(
@@ -664,12 +645,11 @@ def sd15_pipeline(
     """A ``StableDiffusionPipeline`` with full-size SD1.5 UNet and text encoder.
 
     The VAE is tiny but downsamples 8x like the real one, so 512x512 images use
-    64x64 latents. Its UNet and text encoder equal :func:`sd15_unet` and
+    64x64 latents. The UNet and text encoder equal :func:`sd15_unet` and
     :func:`sd15_text_encoder` for the same seed.
     """
-    vae = _build_vae(
-        block_out_channels=(32, 32, 64, 64),
-        sample_size=512,
+    vae = _build(
+        lambda: _vae((32, 32, 64, 64), sample_size=512),
         seed=_derive_seed(seed, "vae"),
         dtype=dtype,
         device=device,
@@ -679,7 +659,7 @@ def sd15_pipeline(
         text_encoder=sd15_text_encoder(seed=seed, dtype=dtype, device=device),
         tokenizer=clip_tokenizer(CLIP_VOCAB_SIZE),
         unet=sd15_unet(seed=seed, dtype=dtype, device=device),
-        scheduler=_sd_ddim_scheduler(),
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -692,8 +672,8 @@ def sdxl_unet(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> UNet2DConditionModel:
     """A random ``UNet2DConditionModel`` with the SDXL base 1.0 shape (~2.6B params)."""
-    with _building(device, dtype):
-        unet = UNet2DConditionModel(
+    return _build(
+        lambda: UNet2DConditionModel(
             sample_size=128,
             in_channels=4,
             out_channels=4,
@@ -709,31 +689,29 @@ def sdxl_unet(
             addition_embed_type="text_time",
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
-            norm_num_groups=32,
-        )
-    return _finish(unet, _derive_seed(seed, "unet"), dtype)
+        ),
+        seed=_derive_seed(seed, "unet"),
+        dtype=dtype,
+        device=device,
+    )
 
 
 def sdxl_text_encoders(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
-    """Random SDXL text encoders: CLIP ViT-L (~123M) and CLIP ViT-bigG with projection (~695M)."""
-    text_encoder = _build_clip(
-        _clip_l_config(),
-        projection=False,
+    """Random SDXL text encoders: CLIP ViT-L (~123M params) and ViT-bigG with projection (~695M)."""
+    text_encoder = _build(
+        lambda: CLIPTextModel(_clip_l_config()),
         seed=_derive_seed(seed, "text_encoder"),
         dtype=dtype,
         device=device,
     )
-    text_encoder_2 = _build_clip(
-        _clip_g_config(),
-        projection=True,
+    text_encoder_2 = _build(
+        lambda: CLIPTextModelWithProjection(_clip_g_config()),
         seed=_derive_seed(seed, "text_encoder_2"),
         dtype=dtype,
         device=device,
     )
-    assert isinstance(text_encoder, CLIPTextModel)
-    assert isinstance(text_encoder_2, CLIPTextModelWithProjection)
     return text_encoder, text_encoder_2
 
 
@@ -741,8 +719,8 @@ def flux_transformer(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
 ) -> FluxTransformer2DModel:
     """A random ``FluxTransformer2DModel`` with the FLUX.1-dev shape (~11.9B params)."""
-    with _building(device, dtype):
-        transformer = FluxTransformer2DModel(
+    return _build(
+        lambda: FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,
             num_layers=19,
@@ -753,5 +731,8 @@ def flux_transformer(
             pooled_projection_dim=768,
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
-        )
-    return _finish(transformer, _derive_seed(seed, "transformer"), dtype)
+        ),
+        seed=_derive_seed(seed, "transformer"),
+        dtype=dtype,
+        device=device,
+    )

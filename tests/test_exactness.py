@@ -1,0 +1,93 @@
+"""Exactness: unfuse and unload of unfused adapters restore base weights bit-exactly in every dtype; fuse -> unload ->
+save_pretrained writes a plain pipeline with the fused outputs."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import lorakit
+from helpers import assert_close, family, lora_state_dict, outputs, write
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _snapshot(pipe, comps):
+    return {c: {k: v.detach().clone() for k, v in getattr(pipe, c).named_parameters()} for c in comps}
+
+
+def _assert_same(pipe, snap):
+    for comp, params in snap.items():
+        for k, v in getattr(pipe, comp).named_parameters():
+            assert v.dtype == params[k].dtype and torch.equal(v, params[k]), f"{comp}.{k} not bit-exact"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fam_name", ["sd15", "flux"])
+def test_unfuse_and_unload_are_bit_exact(fam_name, dtype, tmp_path):
+    fam = family(fam_name)
+    pipe = fam.build(dtype)
+    lorakit.attach(pipe)
+    comps = [fam.denoiser, *fam.text_encoders]
+    base = _snapshot(pipe, comps)
+    for seed, name in ((1, "a"), (2, "b"), (3, "c")):
+        sd = {k: v.to(dtype) for k, v in lora_state_dict(pipe, fam, seed, convs=fam_name == "sd15").items()}
+        pipe.load_lora_weights(write(sd, tmp_path / f"{name}.safetensors"), adapter_name=name)
+    pipe.set_adapters(["a", "b", "c"], [0.7, {fam.denoiser: {"transformer_blocks": 0.3}} if fam_name == "flux"
+                                        else {"unet": {"down": 0.2, "up": {"block_1": [0.1, 0.5, 0.9]}}}, -0.4])
+    pipe.fuse_lora(components=comps, adapter_names=["a", "b"], lora_scale=0.8)
+    pipe.fuse_lora(components=comps, adapter_names=["c"], lora_scale=1.3)
+    pipe.disable_lora()
+    _assert_same(pipe, base)  # disabled: the base model, even with fused adapters
+    pipe.enable_lora()
+    pipe.unfuse_lora(components=comps)
+    pipe.set_adapters(["b"], 2.0)
+    pipe.delete_adapters("c")
+    pipe.unload_lora_weights()
+    _assert_same(pipe, base)
+    assert pipe.get_list_adapters() == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_state_dict_shows_base_while_adapters_are_live(dtype, tmp_path):
+    fam = family("sd15")
+    pipe = fam.build(dtype)
+    lorakit.attach(pipe)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fuse_unload_save_pretrained_roundtrip(tmp_path):
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 1), tmp_path / "a.safetensors"), adapter_name="a")
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 2), tmp_path / "b.safetensors"), adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.7, 0.8])
+    pipe.fuse_lora(adapter_names=["a", "b"], lora_scale=1.0)
+    want = outputs(pipe, fam)
+    pipe.unload_lora_weights()
+    assert_close(outputs(pipe, fam), want, atol=0.0, what="after unload")
+    pipe.save_pretrained(tmp_path / "fused")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "fused" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert not [k for k in fh.keys() if "lora" in k]
+        assert set(fh.keys()) == set(pipe.unet.state_dict().keys())
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "fused")
+    assert_close(outputs(reloaded, fam), want, atol=0.0, what="reloaded fused pipeline")
+
+
+def test_fuse_unload_then_compile(tmp_path):
+    """The guide's compile recipe: set_adapters -> fuse_lora -> unload_lora_weights -> torch.compile."""
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    pipe.set_adapters("a", 0.7)
+    pipe.fuse_lora(adapter_names=["a"])
+    pipe.unload_lora_weights()
+    want = outputs(pipe, fam)
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    assert_close(outputs(pipe, fam), want, atol=1e-6)
