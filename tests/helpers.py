@@ -109,11 +109,11 @@ def run_pipeline(pipe, fam: Family, **kwargs) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0), **size, **kwargs).images
 
 
-def pair(fam: Family, dtype=torch.float32):
+def pair(fam: Family, dtype=torch.float32, mode: str = "auto"):
     """(diffusers+PEFT pipeline, lorakit pipeline) with identical weights."""
     ref = fam.build(dtype)
     ours = fam.build(dtype)
-    lorakit.attach(ours)
+    lorakit.attach(ours, mode=mode)
     return ref, ours
 
 

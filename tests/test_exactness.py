@@ -21,12 +21,13 @@ def _assert_same(pipe, snap):
             assert v.dtype == params[k].dtype and torch.equal(v, params[k]), f"{comp}.{k} not bit-exact"
 
 
+@pytest.mark.parametrize("mode", ["merge", "branch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fam_name", ["sd15", "flux"])
-def test_unfuse_and_unload_are_bit_exact(fam_name, dtype, tmp_path):
+def test_unfuse_and_unload_are_bit_exact(fam_name, dtype, mode, tmp_path):
     fam = family(fam_name)
     pipe = fam.build(dtype)
-    lorakit.attach(pipe)
+    lorakit.attach(pipe, mode=mode)
     comps = [fam.denoiser, *fam.text_encoders]
     base = _snapshot(pipe, comps)
     for seed, name in ((1, "a"), (2, "b"), (3, "c")):
@@ -51,7 +52,7 @@ def test_unfuse_and_unload_are_bit_exact(fam_name, dtype, tmp_path):
 def test_state_dict_shows_base_while_adapters_are_live(dtype, tmp_path):
     fam = family("sd15")
     pipe = fam.build(dtype)
-    lorakit.attach(pipe)
+    lorakit.attach(pipe, mode="merge")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
     after = pipe.unet.state_dict()

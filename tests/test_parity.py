@@ -12,10 +12,11 @@ from helpers import (assert_close, assert_differs, family, lora_state_dict, outp
 FAMILIES = ["sd15", "sdxl", "flux"]
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=[(f, m) for f in FAMILIES for m in ("merge", "branch")], ids="-".join)
 def setup(request, tmp_path):
-    fam = family(request.param)
-    ref, ours = pair(fam)
+    fam_name, mode = request.param
+    fam = family(fam_name)
+    ref, ours = pair(fam, mode=mode)
     files = [write(lora_state_dict(ref, fam, seed), tmp_path / f"lora{seed}.safetensors") for seed in (1, 2)]
     return fam, ref, ours, files
 

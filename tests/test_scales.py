@@ -34,7 +34,7 @@ def test_per_block_dicts_match_diffusers_on_attention_loras(fam_name, weights):
 def test_block_scale_reaches_resnets_and_samplers():
     fam = family("sd15")
     pipe = fam.build()
-    lorakit.attach(pipe)
+    lorakit.attach(pipe, mode="merge")  # merged: the weights show each layer's effective scale
     layers = make_lora(pipe.unet, seed=2, convs=True, targets=())
     pipe.load_lora_weights(to_state_dict(layers, "kohya", "unet"), adapter_name="c")
     base = {p: pipe.unet.state_dict()[f"{p}.weight"].clone() for p in layers}
@@ -67,7 +67,7 @@ def test_transformer_block_grammar():
 def test_transformer_block_scales_in_pipeline():
     fam = family("flux")
     pipe = fam.build()
-    lorakit.attach(pipe)
+    lorakit.attach(pipe, mode="merge")
     layers = make_lora(pipe.transformer, seed=3, targets=("to_q", "proj_out"))
     pipe.load_lora_weights(to_state_dict(layers, "peft", "transformer"), adapter_name="f")
     pipe.set_adapters("f", {"transformer": {"single_transformer_blocks": 0.0}})

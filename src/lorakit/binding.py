@@ -61,10 +61,11 @@ def _check_no_peft(components: dict[str, nn.Module]) -> None:
                             f"unload_lora_weights() through diffusers first, then attach lorakit.")
 
 
-def attach(obj: Any, *, backup_device: str | torch.device | None = None) -> LoraManager:
+def attach(obj: Any, *, mode: str = "auto", backup_device: str | torch.device | None = None) -> LoraManager:
     """Serve the diffusers LoRA API of a pipeline or a model from lorakit's engine; returns the manager.
 
-    Calling it again on the same object returns the same manager.
+    Calling it again on the same object returns the same manager. ``mode`` chooses merged adapters or runtime
+    branches (:class:`LoraManager`); ``backup_device`` where the exact copies of targeted weights are kept.
 
     Example:
         >>> import lorakit
@@ -77,7 +78,7 @@ def attach(obj: Any, *, backup_device: str | torch.device | None = None) -> Lora
         return existing
     components = _components_of(obj)
     _check_no_peft(components)
-    manager = LoraManager(components, backup_device=backup_device)
+    manager = LoraManager(components, mode=mode, backup_device=backup_device)
     if not isinstance(obj, nn.Module):
         for verb in _PIPELINE_VERBS:
             object.__setattr__(obj, verb, getattr(manager, verb))

@@ -1,13 +1,18 @@
-"""The runtime: adapters merged into the weights of Linear/Conv2d layers, with an exact way back.
+"""The runtime of one targeted Linear/Conv2d layer: merged adapters with an exact way back, or a runtime branch.
 
-When every sample of a batch uses the same adapter mix (the common case) the fastest LoRA is no LoRA branch at all:
-the layer's weight holds ``base + sum(scale_i * delta_i)`` and the model runs at base speed. lorakit keeps an exact
-copy of each targeted weight taken before its first change, and recomputes the weight from that copy whenever the
-mix changes, so restoring the base (unfuse, unload of unfused adapters, disable) is a copy: bit-exact in every dtype.
+**merge** (the default on accelerators). When every sample of a batch uses the same adapter mix (the common case) the
+fastest LoRA is no LoRA branch at all: the weight holds ``base + sum(scale_i * delta_i)`` and the model runs at base
+speed. lorakit keeps an exact copy of each targeted weight, taken before its first change, and recomputes the weight
+from that copy whenever the mix changes (one ``addmm`` per adapter, written straight into the weight), so going back
+(unfuse, disable, unload of unfused adapters) is a copy: bit-exact in every dtype. No module is replaced and nothing
+runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and ``torch.compile`` see a plain model.
 
-The price is memory: one copy of every targeted weight, on the weight's device (see ``LoraManager(backup_device=)``).
-No module is replaced and no hook runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and
-``torch.compile`` see a plain model.
+**branch** (the default on CPU, and the basis for per-sample adapters). The weight holds only the base and what the
+user fused; active low-rank adapters run as one stacked branch per layer, ``out += (x @ A_cat^T) @ B_cat^T``, one
+shrink and one expand whatever the number of adapters, with each adapter's scale folded into its rows of ``B_cat``.
+A scale change rebuilds two small tensors per layer instead of re-merging the weights.
+
+Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """
 
 from __future__ import annotations
@@ -16,25 +21,38 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .adapter import WeightDelta
 
 Contribution = tuple[WeightDelta, float]  # (delta, total multiplier on its unscaled form)
 
 
-@dataclass
+def _signature(contributions: list[Contribution]) -> tuple:
+    return tuple((id(d), float(m)) for d, m in contributions)
+
+
+@dataclass(eq=False)
 class LayerState:
-    """One targeted layer: the adapters on it and the exact copy of its weight before lorakit changed it."""
+    """One targeted layer: the adapters on it, the exact copy of its base weight, and its branch (if any)."""
 
     module: nn.Module
     deltas: dict[str, WeightDelta] = field(default_factory=dict)
     base: torch.Tensor | None = None
     backup_device: torch.device | None = None
     applied: tuple = ()
+    branch: tuple[torch.Tensor, torch.Tensor] | None = None
+    branch_applied: tuple = ()
+    _hook: object = None
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    def invalidate(self) -> None:
+        """Forget what the weight and branch hold (after deltas were replaced), so the next write recomputes."""
+        self.applied = (None,)
+        self.branch_applied = (None,)
 
     def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.
@@ -42,18 +60,24 @@ class LayerState:
         return w.dtype if w.device.type == "cuda" else torch.float32
 
     @staticmethod
-    def _accumulate(acc: torch.Tensor, contributions: list[Contribution]) -> None:
-        """``acc += sum(c * delta)`` in place; ``acc`` is the 2-D [out, in*kh*kw] view of a weight."""
-        ups, downs = [], []
+    def _accumulate(acc: torch.Tensor, contributions: list[Contribution], base: torch.Tensor | None = None) -> None:
+        """``acc = (base if given else acc) + sum(c * delta)``; ``acc`` is the 2-D [out, in*kh*kw] view of a weight.
+
+        Each low-rank adapter is one ``addmm`` with its scale as ``alpha`` (the first one reads ``base`` and writes
+        ``acc``, so a switch costs one kernel per adapter and no temporaries)."""
+        src = base
         for delta, mult in contributions:
             pair = delta.low_rank()
             if pair is not None:
-                ups.append(pair[0].to(acc.device, acc.dtype) * mult)
-                downs.append(pair[1].to(acc.device, acc.dtype))
+                up, down = (t.to(acc.device, acc.dtype) for t in pair)
+                torch.addmm(acc if src is None else src, up, down, alpha=mult, out=acc)
             else:
+                if src is not None:
+                    acc.copy_(src)
                 acc.add_(delta.unscaled_delta(tuple(acc.shape), acc.dtype).to(acc.device), alpha=mult)
-        if ups:  # every low-rank adapter in one matmul: [out, sum r] @ [sum r, in]
-            acc.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
+            src = None
+        if src is not None:
+            acc.copy_(src)
 
     def compute(self, contributions: list[Contribution]) -> torch.Tensor:
         """The weight ``base + sum(c * delta)`` for these contributions, rounded once to the weight's dtype."""
@@ -66,25 +90,65 @@ class LayerState:
     @torch.no_grad()
     def write(self, contributions: list[Contribution]) -> None:
         """Make the weight hold exactly these contributions (a no-op when it already does)."""
-        signature = tuple((id(d), float(m)) for d, m in contributions)
+        signature = _signature(contributions)
         if signature == self.applied:
             return
-        w = self.weight
+        w = self.weight.detach()
         if contributions and self.base is None:
-            self.base = w.detach().to(self.backup_device or w.device, copy=True)
-        if self.base is not None:
-            w.copy_(self.base)  # exact restore; also the starting point of a merge
-        if contributions:
-            if w.dtype == self._compute_dtype() and w.is_contiguous():
-                self._accumulate(w.view(w.shape[0], -1), contributions)  # in place, no temporaries
-            else:
-                w.copy_(self.compute(contributions))
+            self.base = w.to(self.backup_device or w.device, copy=True)
+        if not contributions:
+            if self.base is not None:
+                w.copy_(self.base)  # exact restore
+        elif w.dtype == self._compute_dtype() and w.is_contiguous() and self.base.device == w.device:
+            self._accumulate(w.view(w.shape[0], -1), contributions, self.base.view(w.shape[0], -1))
+        else:
+            w.copy_(self.compute(contributions))
         self.applied = signature
+
+    # ------------------------------------------------------------------------------------------ branch
+    @torch.no_grad()
+    def set_branch(self, contributions: list[Contribution]) -> None:
+        """Run these low-rank contributions as one stacked branch (shrink, then expand) in the forward pass."""
+        signature = (_signature(contributions), self.weight.device, self.weight.dtype)
+        if signature == self.branch_applied:
+            return
+        self.branch_applied = signature
+        if not contributions:
+            self.branch = None
+            if self._hook is not None:
+                self._hook.remove()  # no branch, no hook: the layer runs at base speed
+                self._hook = None
+            return
+        w = self.weight
+        ups, downs = [], []
+        for delta, mult in contributions:
+            up, down = delta.low_rank()
+            ups.append(up.to(w.device, w.dtype) * mult)
+            downs.append(down.to(w.device, w.dtype))
+        b = torch.cat(ups, 1)
+        a = torch.cat(downs, 0)
+        if isinstance(self.module, nn.Conv2d):
+            a = a.reshape(a.shape[0], *w.shape[1:])
+            b = b.reshape(*b.shape, 1, 1)
+        self.branch = (a, b)
+        if self._hook is None:
+            self._hook = self.module.register_forward_hook(self._run_branch)
+
+    def _run_branch(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.branch is None:
+            return output
+        a, b = self.branch
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d):
+            hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
+            return output + F.conv2d(hidden, b)
+        return output + F.linear(F.linear(x, a), b)
 
     @torch.no_grad()
     def release(self, keep: list[Contribution]) -> None:
-        """Leave the weight holding ``keep`` (the fused adapters) and forget the backup: unload."""
+        """Leave the weight holding ``keep`` (the fused adapters), drop the branch and forget the backup: unload."""
         self.write(keep)
+        self.set_branch([])
         self.base = None
         self.applied = ()
         self.deltas.clear()

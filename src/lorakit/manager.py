@@ -24,7 +24,7 @@ from .io import open_source
 from .layers import LayerState
 from .loading import build_adapter, plan_load
 from .scales import ScaleRule, build_rule
-from .state import ComponentState, FusedEntry
+from .state import MODES, ComponentState, FusedEntry
 
 Names = str | Sequence[str]
 
@@ -40,21 +40,35 @@ class LoraManager:
 
     Args:
         components: ``{name: module}`` for every LoRA-capable component (``unet``, ``text_encoder``...).
+        mode: ``"merge"`` (active adapters merged into the weights: base speed, a re-merge per change),
+            ``"branch"`` (a stacked runtime branch per layer: cheap changes, a small cost per forward), or
+            ``"auto"``: merge for components on an accelerator, branch for components on the CPU.
         backup_device: where the exact copies of targeted weights live (default: each weight's own device).
             Choose ``"cpu"`` to save accelerator memory at the cost of slower switches.
     """
 
-    def __init__(self, components: Mapping[str, nn.Module], *, backup_device: str | torch.device | None = None):
+    def __init__(self, components: Mapping[str, nn.Module], *, mode: str = "auto",
+                 backup_device: str | torch.device | None = None):
         self.states: dict[str, ComponentState] = {
             name: ComponentState(name, model, is_text_encoder(model), call_scale_kwarg(model))
             for name, model in components.items()
         }
+        self.set_mode(mode)
         self.adapters: dict[str, Adapter] = {}
         self.backup_device = torch.device(backup_device) if backup_device is not None else None
         self.hotswap_rank: int | None = None
         # Components fuse_lora acts on by default: the pipeline's own diffusers default (Flux: transformer only).
         self.fuse_defaults: list[str] | None = None
         self._loaded = 0
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between merged adapters and runtime branches (see the class docstring); exact either way."""
+        if mode not in ("auto", *MODES):
+            raise LoraError(f"mode must be one of 'auto', 'merge', 'branch'; found {mode!r}.")
+        self.mode = mode
+        for state in self.states.values():
+            state.mode = mode
+            state.sync()
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _states(self, components: Sequence[str] | None) -> list[ComponentState]:
@@ -143,7 +157,9 @@ class LoraManager:
         old = self.adapters[adapter_name]
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
-                self.states[comp].layers[path].deltas.pop(adapter_name, None)
+                layer = self.states[comp].layers[path]
+                layer.deltas.pop(adapter_name, None)
+                layer.invalidate()
         for comp, modules in new.layers.items():  # ...and put the new ones where the old ones were
             state = self.states[comp]
             for path, delta in modules.items():
@@ -282,7 +298,7 @@ class LoraManager:
             for state, entry in entries:
                 for path in entry.contributions:
                     layer = state.layers[path]
-                    planned = state.contributions(path, layer, include_live=False) + [entry.contributions[path]]
+                    planned = state.fused_part(path) + [entry.contributions[path]]
                     if not torch.isfinite(layer.compute(planned)).all():
                         raise FusingError(f"fuse_lora(safe_fusing=True): adapter {entry.adapter!r} gives non-finite "
                                           f"weights at {state.name}.{path}. Nothing was fused; check the LoRA file.")
@@ -323,7 +339,8 @@ class LoraManager:
                     state.active = [state.adapters[0]]  # as PEFT: the first remaining adapter takes over
                 state.rules.pop(name, None)
                 for layer in state.layers.values():
-                    layer.deltas.pop(name, None)
+                    if layer.deltas.pop(name, None) is not None:
+                        layer.invalidate()
                 self._forget(name, state.name)
             self._prune(state)
             state.sync()
@@ -347,7 +364,7 @@ class LoraManager:
         fused (diffusers' fuse -> unload -> save_pretrained / compile flow)."""
         for state in self._states(components):
             for path, layer in state.layers.items():
-                layer.release(state.contributions(path, layer, include_live=False) if state.enabled else [])
+                layer.release(state.fused_part(path))
             for name in list(state.adapters):
                 self._forget(name, state.name)
             state.layers.clear()

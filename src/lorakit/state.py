@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
-from .layers import Contribution, LayerState
+from .layers import Contribution, LayerState, _signature
 from .scales import ScaleRule
 from .targets import ModuleIndex
+
+MODES = ("merge", "branch")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ComponentState:
     model: nn.Module
     is_text_encoder: bool
     call_kwarg: str | None = None
+    mode: str = "merge"
     layers: dict[str, LayerState] = field(default_factory=dict)
     adapters: list[str] = field(default_factory=list)
     active: list[str] = field(default_factory=list)
@@ -45,39 +49,57 @@ class ComponentState:
     def fused_names(self) -> list[str]:
         return [f.adapter for f in self.fused]
 
-    def contributions(self, path: str, layer: LayerState, include_live: bool = True) -> list[Contribution]:
-        """What the weight at ``path`` should hold now: fused adapters, then active unfused ones."""
+    def fused_part(self, path: str) -> list[Contribution]:
+        """What the user fused into the weight at ``path`` (nothing while the component is disabled)."""
         if not self.enabled:
             return []
-        out = [f.contributions[path] for f in self.fused if path in f.contributions]
-        if include_live:
-            fused = set(self.fused_names())
-            for name in self.active:
-                delta = layer.deltas.get(name)
-                if delta is not None and name not in fused:
-                    out.append((delta, self.rules.get(name, ScaleRule())(path) * self.call_scale * delta.scale))
+        return [f.contributions[path] for f in self.fused if path in f.contributions]
+
+    def live_part(self, path: str, layer: LayerState) -> list[Contribution]:
+        """Active, unfused adapters at ``path`` with their current multipliers (weight x call scale x alpha/r)."""
+        if not self.enabled:
+            return []
+        fused = set(self.fused_names())
+        out = []
+        for name in self.active:
+            delta = layer.deltas.get(name)
+            if delta is not None and name not in fused:
+                out.append((delta, self.rules.get(name, ScaleRule())(path) * self.call_scale * delta.scale))
         return out
 
-    def visible_weight(self, path: str, layer: LayerState):
+    def resolved_mode(self) -> str:
+        """``auto`` is decided at each sync from where the model is now (it may have moved since attach)."""
+        if self.mode != "auto":
+            return self.mode
+        param = next(self.model.parameters(), None)
+        return "branch" if param is None or param.device.type == "cpu" else "merge"
+
+    def sync(self) -> None:
+        """Bring every layer's weight (and branch) in line with the current state."""
+        mode = self.resolved_mode()
+        for path, layer in self.layers.items():
+            merged, live = self.fused_part(path), self.live_part(path, layer)
+            if mode == "branch":
+                branch = [c for c in live if c[0].low_rank() is not None]
+                merged += [c for c in live if c[0].low_rank() is None]  # full-rank deltas have no cheap branch
+            else:
+                merged, branch = merged + live, []
+            layer.write(merged)
+            layer.set_branch(branch)
+
+    def visible_weight(self, path: str, layer: LayerState) -> torch.Tensor:
         """The weight as diffusers+PEFT would show it: base plus what the user fused, without live adapters.
 
-        lorakit merges active adapters into the weights to run at base speed; ``state_dict()`` reports this
+        lorakit may merge active adapters into the weights to run at base speed; ``state_dict()`` reports this
         instead, so saving or inspecting a model never picks up the internal merge.
         """
-        if layer.base is None:
-            return layer.weight.detach()
-        fused = self.contributions(path, layer, include_live=False)
-        if len(fused) == len(self.contributions(path, layer)):
+        fused = self.fused_part(path)
+        if layer.base is None or layer.applied == _signature(fused):
             return layer.weight.detach()
         return layer.compute(fused) if fused else layer.base.to(layer.weight.device)
 
-    def state_dict_hook(self, module, state_dict: dict, prefix: str, local_metadata) -> None:
+    def state_dict_hook(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         for path, layer in self.layers.items():
             key = f"{prefix}{path}.weight"
             if key in state_dict:
                 state_dict[key] = self.visible_weight(path, layer)
-
-    def sync(self) -> None:
-        """Bring every layer's weight in line with the current state."""
-        for path, layer in self.layers.items():
-            layer.write(self.contributions(path, layer))
