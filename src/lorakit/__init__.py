@@ -8,11 +8,11 @@ Example:
 """
 
 from .adapter import Adapter, LokrWeights, LoraWeights, WeightDelta
-from .binding import attach
+from .binding import attach, compile
 from .errors import AdapterError, FusingError, LoraError, LoraFileError, LoraKeyError, LoraShapeError
 from .manager import LoraManager
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "LoraManager", "LoraError", "LoraFileError", "LoraKeyError", "LoraShapeError", "AdapterError",
+__all__ = ["attach", "compile", "LoraManager", "LoraError", "LoraFileError", "LoraKeyError", "LoraShapeError", "AdapterError",
            "FusingError", "Adapter", "LoraWeights", "LokrWeights", "WeightDelta", "__version__"]

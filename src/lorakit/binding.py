@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LoraError
-from .families import LORA_COMPONENTS, is_text_encoder
+from .families import CALL_SCALE_KWARGS, LORA_COMPONENTS, is_text_encoder
 from .manager import LoraManager
 
 _ATTR = "_lorakit_manager"
@@ -83,6 +83,7 @@ def attach(obj: Any, *, mode: str = "auto", backup_device: str | torch.device | 
         for verb in _PIPELINE_VERBS:
             object.__setattr__(obj, verb, getattr(manager, verb))
         _wrap_encode_prompt(obj, manager)
+        _wrap_call(obj, manager)
         manager.fuse_defaults = _diffusers_default(type(obj), "fuse_lora", "components")
     for name, model in components.items():
         _bind_model(model, name, manager)
@@ -165,12 +166,69 @@ def _bind_model(model: nn.Module, name: str, manager: LoraManager) -> None:
     state = manager.states[name]
     model._register_state_dict_hook(state.state_dict_hook)
     if state.call_kwarg is not None:
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if torch.compiler.is_compiling():
-                return  # state changes are applied outside the graph (see the compile recipe in the README)
-            extra = kwargs.get(state.call_kwarg) or {}
-            manager.apply_call_scale(state, extra.get("scale", 1.0))
-        model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        model.register_forward_pre_hook(functools.partial(_call_scale_hook, manager, name), with_kwargs=True)
+
+
+def _call_scale_hook(manager: LoraManager, name: str, module: nn.Module, args: tuple,
+                     kwargs: dict) -> tuple[tuple, dict] | None:
+    """Apply a denoiser's call-time ``scale`` (eagerly, before the forward) and take it out of the kwargs, so the
+    model itself (and a compiled graph) never sees it."""
+    if torch.compiler.is_compiling():
+        return None  # inside a traced graph: lorakit.compile's outer hook already did the work
+    state = manager.states[name]
+    extra = kwargs.get(state.call_kwarg)
+    manager.apply_call_scale(state, (extra or {}).get("scale", state.ambient_scale))
+    if extra and "scale" in extra:
+        # An emptied dict becomes None, as when no scale is given, so a compiled graph sees the same inputs.
+        rest = {k: v for k, v in extra.items() if k != "scale"} or None
+        return args, {**kwargs, state.call_kwarg: rest}
+    return None
+
+
+def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` a component that lorakit serves, keeping call-time scales working without recompiles.
+
+    Adapter changes (``set_adapters``, enable/disable, hotswap, fuse) never recompile a lorakit model, whichever way
+    it was compiled. A call-time ``scale`` in the denoiser's kwargs has to be applied before the compiled graph
+    runs: this wrapper does that (a plain ``torch.compile`` works too when the scale comes through the pipeline
+    call, which applies it around ``encode_prompt``).
+
+    Example:
+        >>> pipe.unet = lorakit.compile(pipe.unet, fullgraph=True)   # doctest: +SKIP
+        >>> pipe.unet(x, t, e, cross_attention_kwargs={"scale": 0.5})  # doctest: +SKIP
+    """
+    manager = getattr(model, _ATTR, None)
+    if not isinstance(manager, LoraManager):
+        raise LoraError(f"lorakit.compile: {type(model).__name__} is not attached; call lorakit.attach first.")
+    name = next(n for n, s in manager.states.items() if s.model is model)
+    compiled = torch.compile(model, **compile_kwargs)
+    if manager.states[name].call_kwarg is not None:
+        compiled.register_forward_pre_hook(functools.partial(_call_scale_hook, manager, name), with_kwargs=True)
+    return compiled
+
+
+def _wrap_call(pipe: Any, manager: LoraManager) -> None:
+    """Serve the pipeline call's ``cross_attention_kwargs={"scale": s}`` (or joint_/attention_kwargs) from lorakit.
+
+    The scale is taken out of the call and applied to every component for its duration, so the denoiser (compiled
+    or not) sees the same inputs whatever the scale, and nothing is left behind afterwards (diffusers keeps it in
+    ``pipe._lora_scale``). ``__call__`` is looked up on the type, so the pipeline gets a subclass of its own class
+    with the same name; ``save_pretrained`` and ``isinstance`` are unaffected.
+    """
+    cls = type(pipe)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        name = next((k for k in CALL_SCALE_KWARGS if isinstance(kwargs.get(k), dict) and "scale" in kwargs[k]), None)
+        if name is None:
+            return cls.__call__(self, *args, **kwargs)
+        scale = kwargs[name]["scale"]
+        kwargs[name] = {k: v for k, v in kwargs[name].items() if k != "scale"} or None
+        with manager.ambient_scale(scale):
+            return cls.__call__(self, *args, **kwargs)
+
+    __call__.__doc__ = cls.__call__.__doc__
+    pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                 "__qualname__": cls.__qualname__})
 
 
 def _wrap_encode_prompt(pipe: Any, manager: LoraManager) -> None:

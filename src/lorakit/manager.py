@@ -252,7 +252,8 @@ class LoraManager:
 
     @contextlib.contextmanager
     def call_scale(self, scale: float | None, components: Sequence[str] | None = None) -> Iterator[None]:
-        """Scale every active, unfused adapter by ``scale`` for the duration of a call (diffusers' runtime scale)."""
+        """Scale every active, unfused adapter by ``scale`` for the duration of a call (diffusers' runtime scale);
+        None means the scale of the pipeline call in progress, if any."""
         states = self._states(components)
         try:
             for s in states:
@@ -260,10 +261,24 @@ class LoraManager:
             yield
         finally:
             for s in states:
+                self.apply_call_scale(s, None)
+
+    @contextlib.contextmanager
+    def ambient_scale(self, scale: float) -> Iterator[None]:
+        """A pipeline call's scale: applied to every component now, and the default of its denoiser's forwards."""
+        try:
+            for s in self.states.values():
+                s.ambient_scale = float(scale)
+                self.apply_call_scale(s, scale)
+            yield
+        finally:
+            for s in self.states.values():
+                s.ambient_scale = 1.0
                 self.apply_call_scale(s, 1.0)
 
     def apply_call_scale(self, state: ComponentState, scale: float | None) -> None:
-        scale = 1.0 if scale is None else float(scale)
+        """Set the call-time scale a component's weights/branches hold (None: the ambient pipeline call's)."""
+        scale = state.ambient_scale if scale is None else float(scale)
         if scale != state.call_scale:
             state.call_scale = scale
             state.sync()

@@ -37,7 +37,8 @@ class ComponentState:
     rules: dict[str, ScaleRule] = field(default_factory=dict)
     fused: list[FusedEntry] = field(default_factory=list)
     enabled: bool = True
-    call_scale: float = 1.0
+    call_scale: float = 1.0  # the call-time scale the weights/branches hold now
+    ambient_scale: float = 1.0  # the call-time scale of the pipeline call in progress (1.0 outside one)
     _index: ModuleIndex | None = None
 
     @property

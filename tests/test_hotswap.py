@@ -1,0 +1,62 @@
+"""Hotswap: in place, text encoders included, different layers and ranks; a failed hotswap changes nothing."""
+
+import pytest
+import torch
+
+import lorakit
+from helpers import assert_close, family, lora_state_dict, outputs, pair, write
+from lorakit.testing.loras import make_lora, to_state_dict
+
+
+@pytest.mark.parametrize("mode", ["merge", "branch"])
+def test_hotswap_equals_fresh_load(mode, tmp_path):
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe, mode=mode)
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, rank=8), adapter_name="slot")
+    pipe.set_adapters("slot", 0.6)
+    # The new LoRA: another rank, fewer layers (no to_v), text encoder included.
+    unet = {p: w for p, w in make_lora(pipe.unet, seed=2, rank=4).items() if not p.endswith("to_v")}
+    te = make_lora(pipe.text_encoder, seed=3, rank=2)
+    sd = {**to_state_dict(unet, "peft", "unet"), **to_state_dict(te, "peft", "text_encoder")}
+    pipe.load_lora_weights(write(sd, tmp_path / "new.safetensors"), adapter_name="slot", hotswap=True)
+    got = outputs(pipe, fam)
+    fresh = fam.build()
+    lorakit.attach(fresh, mode=mode)
+    fresh.load_lora_weights(dict(sd), adapter_name="slot")
+    fresh.set_adapters("slot", 0.6)  # the slot keeps its weights across the swap
+    assert_close(got, outputs(fresh, fam), atol=1e-6)
+    assert pipe.get_list_adapters() == {"unet": ["slot"], "text_encoder": ["slot"]}
+
+
+def test_failed_hotswap_keeps_the_previous_adapter(tmp_path):
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    pipe.enable_lora_hotswap(target_rank=4)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="slot")
+    want = outputs(pipe, fam)
+    bad = lora_state_dict(pipe, fam, 2)
+    bad["unet.down_blocks.0.attentions.0.nope.lora_A.weight"] = torch.zeros(4, 32)
+    bad["unet.down_blocks.0.attentions.0.nope.lora_B.weight"] = torch.zeros(32, 4)
+    with pytest.raises(lorakit.LoraKeyError, match="nope"):
+        pipe.load_lora_weights(bad, adapter_name="slot", hotswap=True)
+    with pytest.raises(lorakit.AdapterError, match="target_rank=4"):
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, 3, rank=16), adapter_name="slot", hotswap=True)
+    with pytest.raises(lorakit.AdapterError, match="replaces an existing adapter"):
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, 3), adapter_name="other", hotswap=True)
+    assert_close(outputs(pipe, fam), want, atol=0.0)
+    assert pipe.get_list_adapters() == {"unet": ["slot"], "text_encoder": ["slot"]}
+
+
+def test_hotswap_parity_with_diffusers_unet_only():
+    fam = family("sd15")
+    ref, ours = pair(fam)
+    first = lora_state_dict(ref, fam, 1, text_encoders=False)
+    second = lora_state_dict(ref, fam, 2, rank=8, text_encoders=False)
+    for p in (ref, ours):  # diffusers empties dicts it is given: each gets its own copy
+        p.enable_lora_hotswap(target_rank=8)
+        p.load_lora_weights(dict(first), adapter_name="slot")
+        p.load_lora_weights(dict(second), adapter_name="slot", hotswap=True)
+    assert_close(outputs(ours, fam), outputs(ref, fam))
