@@ -119,10 +119,15 @@ class LoraManager:
                                f"Pick another adapter_name, delete_adapters({name!r}) first, or pass hotswap=True "
                                f"to replace it in place.")
         plan = plan_load(source, self.states, scope=scope, prefix=prefix, strict=strict)
-        adapter = build_adapter(plan, name, self.states, source.load())
+        adapter = build_adapter(plan, name, self.states, source.load(self._load_device(plan)))
         self._register(adapter)
         self._loaded += 1
         return name
+
+    def _load_device(self, plan) -> torch.device:
+        """Read tensors straight onto the targets' device when they all share one (no host round trip)."""
+        devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
     def _register(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter
@@ -153,7 +158,7 @@ class LoraManager:
                 raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
                                    f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
-        new = build_adapter(plan, adapter_name, self.states, source.load())
+        new = build_adapter(plan, adapter_name, self.states, source.load(self._load_device(plan)))
         old = self.adapters[adapter_name]
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
