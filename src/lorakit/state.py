@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .batched import write_many
 from .layers import Contribution, LayerState, _signature
 from .scales import ScaleRule
 from .targets import ModuleIndex
@@ -78,6 +79,7 @@ class ComponentState:
     def sync(self) -> None:
         """Bring every layer's weight (and branch) in line with the current state."""
         mode = self.resolved_mode()
+        writes = []
         for path, layer in self.layers.items():
             merged, live = self.fused_part(path), self.live_part(path, layer)
             if mode == "branch":
@@ -85,8 +87,9 @@ class ComponentState:
                 merged += [c for c in live if c[0].low_rank() is None]  # full-rank deltas have no cheap branch
             else:
                 merged, branch = merged + live, []
-            layer.write(merged)
+            writes.append((layer, merged))
             layer.set_branch(branch)
+        write_many(writes)
 
     def visible_weight(self, path: str, layer: LayerState) -> torch.Tensor:
         """The weight as diffusers+PEFT would show it: base plus what the user fused, without live adapters.
