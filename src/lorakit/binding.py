@@ -215,7 +215,11 @@ def _wrap_call(pipe: Any, manager: LoraManager) -> None:
     ``pipe._lora_scale``). ``__call__`` is looked up on the type, so the pipeline gets a subclass of its own class
     with the same name; ``save_pretrained`` and ``isinstance`` are unaffected.
     """
+    from diffusers import DiffusionPipeline
+
     cls = type(pipe)
+    if not isinstance(pipe, DiffusionPipeline):
+        return  # a plain holder of components (tests, benchmarks): nothing to call
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         name = next((k for k in CALL_SCALE_KWARGS if isinstance(kwargs.get(k), dict) and "scale" in kwargs[k]), None)

@@ -127,7 +127,8 @@ class LoraManager:
     def _load_device(self, plan) -> torch.device:
         """Read tensors straight onto the targets' device when they all share one (no host round trip)."""
         devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
-        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
     def _register(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter
