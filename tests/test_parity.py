@@ -128,6 +128,15 @@ def test_save_then_reload_in_both_libraries(setup, tmp_path):
     fam, ref, ours, (a, _) = setup
     ours.load_lora_weights(a, adapter_name="a")
     saved = ours.save_lora_adapter(tmp_path / "ours", adapter_name="a")
+    import json
+    from safetensors import safe_open
+    with safe_open(str(saved), "pt") as fh:
+        meta = fh.metadata()
+    info = json.loads(meta["lorakit"])
+    assert info["family"] == {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}[fam.name]
+    assert info["ranks"] == [4] and info["source_format"] == "peft"
+    peft_meta = json.loads(meta["lora_adapter_metadata"])
+    assert peft_meta[f"{fam.denoiser}.r"] == 4 and peft_meta[f"{fam.denoiser}.lora_alpha"] == 4.0
     want = outputs(ours, fam)
     ref.load_lora_weights(str(saved), adapter_name="x")  # diffusers+PEFT reads lorakit's file
     assert_close(outputs(ref, fam), want, what="diffusers loads lorakit's file")

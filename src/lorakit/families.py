@@ -92,5 +92,28 @@ def unet_ldm_names(unet: nn.Module) -> dict[str, str]:
     return out
 
 
+# Transformer denoiser classes -> family names (data, not code: add a row for a new family).
+_TRANSFORMER_FAMILIES = {
+    "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "LTXVideoTransformer3DModel": "ltx-video",
+    "WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan-video",
+    "Flux2Transformer2DModel": "flux2", "QwenImageTransformer2DModel": "qwen-image",
+}
+
+
+def model_family(components: dict[str, nn.Module]) -> str | None:
+    """The model family of a pipeline's denoiser (``sd1``, ``sd2``, ``sdxl``, ``flux``...), from its class/config."""
+    for name in DENOISER_NAMES:
+        model = components.get(name)
+        if model is None:
+            continue
+        if is_unet(model):
+            cfg = model.config
+            if getattr(cfg, "addition_embed_type", None) == "text_time":
+                return "sdxl"
+            return {768: "sd1", 1024: "sd2"}.get(getattr(cfg, "cross_attention_dim", None), "unet")
+        return _TRANSFORMER_FAMILIES.get(type(model).__name__, type(model).__name__)
+    return None
+
+
 def is_unet(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("down_blocks", "up_blocks", "conv_in"))

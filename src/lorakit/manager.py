@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .adapter import Adapter
 from .errors import AdapterError, FusingError, LoraError, preview
-from .families import call_scale_kwarg, is_text_encoder
+from .families import call_scale_kwarg, is_text_encoder, model_family
 from .io import open_source
 from .layers import LayerState
 from .loading import build_adapter, plan_load
@@ -131,6 +131,7 @@ class LoraManager:
         return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
     def _register(self, adapter: Adapter) -> None:
+        adapter.family = model_family({n: s.model for n, s in self.states.items()})
         self.adapters[adapter.name] = adapter
         for comp, modules in adapter.layers.items():
             state = self.states[comp]
