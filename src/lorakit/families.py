@@ -110,7 +110,7 @@ def model_family(components: dict[str, nn.Module]) -> str | None:
             cfg = model.config
             if getattr(cfg, "addition_embed_type", None) == "text_time":
                 return "sdxl"
-            return {768: "sd1", 1024: "sd2"}.get(getattr(cfg, "cross_attention_dim", None), "unet")
+            return "sd2" if getattr(cfg, "cross_attention_dim", None) == 1024 else "sd1"
         return _TRANSFORMER_FAMILIES.get(type(model).__name__, type(model).__name__)
     return None
 
