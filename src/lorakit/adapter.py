@@ -56,6 +56,7 @@ class WeightDelta(ABC):
         """Move every tensor in place; returns self."""
         for k, v in self.tensors().items():
             setattr(self, k, v.to(device=device, dtype=dtype))
+        self.__dict__.pop("_low_rank", None)
         return self
 
 
@@ -73,10 +74,14 @@ class LoraWeights(WeightDelta):
         return int(self.down.shape[0])
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        down = self.down
-        if self.mid is not None:
-            down = torch.einsum("mnkl,nj->mjkl", self.mid, down.flatten(1))
-        return self.up.reshape(self.up.shape[0], -1), down.reshape(down.shape[0], -1)
+        cached = self.__dict__.get("_low_rank")  # asked for at every switch: build the 2-D views once
+        if cached is None:
+            down = self.down
+            if self.mid is not None:
+                down = torch.einsum("mnkl,nj->mjkl", self.mid, down.flatten(1))
+            cached = self.__dict__["_low_rank"] = (self.up.reshape(self.up.shape[0], -1),
+                                                    down.reshape(down.shape[0], -1))
+        return cached
 
     def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         up, down = self.low_rank()

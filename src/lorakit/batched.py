@@ -7,20 +7,47 @@ shape and adapter ranks, it is a few kernels per group::
     W[i] = base[i] + sum_j m[i, j] * up_j[i] @ down_j[i]        for every layer i of a group
          = baddbmm(stack(base), cat_j(stack(up_j) * m[:, j]), cat_j(stack(down_j)))
 
-The products are computed in fp32 (the multipliers are not rounded to fp16) and rounded once into the weights, so
-the result matches the per-layer path. Groups are cut into chunks to bound the temporary memory.
+On the GPU the batched product runs in the weights' dtype (cuBLAS accumulates in fp32 and rounds once); each
+adapter's multipliers are applied to its factor in fp32 before that factor is rounded. Groups are cut into chunks to
+bound the temporary memory.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
+from .adapter import WeightDelta
 from .layers import Contribution, LayerState, _signature
 
 CHUNK_BYTES = 512 * 1024 * 1024  # fp32 temporaries per chunk: stacked bases + result
 DEVICES = ("cuda",)  # where batching pays off (kernel launches dominate); tests add "cpu" to exercise it
+
+
+_STACKS: OrderedDict[tuple[int, ...], tuple[list[WeightDelta], torch.Tensor, torch.Tensor]] = OrderedDict()
+STACK_CACHE_SIZE = 256
+
+
+def _stacked(deltas: list[WeightDelta]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked ``(up [n, out, r], down [n, r, in])`` of one adapter over a chunk of layers, cached: switching the
+    mix reuses them. The cache holds the deltas themselves, so their ids (the key) cannot be reused while cached."""
+    key = tuple(id(d) for d in deltas)
+    hit = _STACKS.get(key)
+    if hit is not None:
+        _STACKS.move_to_end(key)
+        return hit[1], hit[2]
+    pairs = [d.low_rank() for d in deltas]
+    up, down = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    _STACKS[key] = (deltas, up, down)
+    if len(_STACKS) > STACK_CACHE_SIZE:
+        _STACKS.popitem(last=False)
+    return up, down
+
+
+def clear_cache() -> None:
+    """Drop every cached stack (after adapters are deleted, unloaded or swapped out: frees their memory)."""
+    _STACKS.clear()
 
 
 def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
@@ -65,19 +92,22 @@ def _merge_chunk(members: list[tuple[LayerState, list[Contribution], tuple]], ou
     for layer, _, _ in members:
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
-    device = weights[0].device
-    acc = torch.stack([layer.base.view(out, inp) for layer, _, _ in members]).float()
+    device, dtype = weights[0].device, weights[0].dtype
+    # cuBLAS accumulates half-precision products in fp32 and rounds once; elsewhere compute in fp32.
+    cdtype = dtype if device.type == "cuda" else torch.float32
+    acc = torch.stack([layer.base.view(out, inp) for layer, _, _ in members]).to(cdtype)
     n_adapters = len(members[0][1])
     mults = torch.tensor([[m for _, m in contribs] for _, contribs, _ in members], dtype=torch.float32)
     mults = mults.to(device, non_blocking=True)
     ups, downs = [], []
     for j in range(n_adapters):
-        pairs = [contribs[j][0].low_rank() for _, contribs, _ in members]
-        ups.append(torch.stack([p[0] for p in pairs]).float() * mults[:, j, None, None])
-        downs.append(torch.stack([p[1] for p in pairs]).float())
+        up, down = _stacked([contribs[j][0] for _, contribs, _ in members])
+        # the multiplier is applied in fp32, then the scaled factor is rounded once (as PEFT scales its output)
+        ups.append((up.float() * mults[:, j, None, None]).to(cdtype))
+        downs.append(down.to(cdtype))
     up = ups[0] if n_adapters == 1 else torch.cat(ups, 2)
     down = downs[0] if n_adapters == 1 else torch.cat(downs, 1)
     acc.baddbmm_(up, down)
-    torch._foreach_copy_(weights, list(acc.to(weights[0].dtype).unbind(0)))
+    torch._foreach_copy_(weights, list(acc.to(dtype).unbind(0)))
     for layer, _, signature in members:
         layer.applied = signature

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from . import batched
 from .adapter import Adapter
 from .errors import AdapterError, FusingError, LoraError, preview
 from .families import call_scale_kwarg, is_text_encoder, model_family
@@ -162,6 +163,7 @@ class LoraManager:
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
         new = build_adapter(plan, adapter_name, self.states, source.load(self._load_device(plan)))
         old = self.adapters[adapter_name]
+        batched.clear_cache()
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
                 layer = self.states[comp].layers[path]
@@ -368,6 +370,7 @@ class LoraManager:
             state.sync()
 
     def _forget(self, name: str, component: str) -> None:
+        batched.clear_cache()
         adapter = self.adapters.get(name)
         if adapter is None:
             return
