@@ -77,3 +77,14 @@ def test_compiled_denoiser_in_a_pipeline_gets_the_call_scale(unet):
     assert torch.allclose(half, ref_run(cross_attention_kwargs={"scale": 0.5}), atol=1e-5)
     eager.set_adapters(["a", "b"], [0.5, 0.5])
     assert torch.allclose(mixed, ref_run(), atol=1e-5)
+
+
+def test_plain_torch_compile_refuses_an_unapplied_call_scale(unet):
+    pipe, fam = unet
+    model = pipe.unet
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    inputs = denoiser_inputs(model)
+    with torch.no_grad():
+        compiled(**inputs, cross_attention_kwargs=None)
+        with pytest.raises(Exception, match="lorakit.compile"):
+            compiled(**inputs, cross_attention_kwargs={"scale": 0.5})

@@ -173,10 +173,16 @@ def _call_scale_hook(manager: LoraManager, name: str, module: nn.Module, args: t
                      kwargs: dict) -> tuple[tuple, dict] | None:
     """Apply a denoiser's call-time ``scale`` (eagerly, before the forward) and take it out of the kwargs, so the
     model itself (and a compiled graph) never sees it."""
-    if torch.compiler.is_compiling():
-        return None  # inside a traced graph: lorakit.compile's outer hook already did the work
     state = manager.states[name]
     extra = kwargs.get(state.call_kwarg)
+    if torch.compiler.is_compiling():
+        # Inside a traced graph nothing can be re-merged: lorakit.compile's outer hook (or the pipeline call)
+        # applies the scale first. A scale that reaches the graph unapplied would be silently ignored: refuse it.
+        if extra and "scale" in extra and float(extra["scale"]) != state.call_scale:
+            raise LoraError(f"{name}: a call-time scale ({extra['scale']}) reached a torch.compile'd model that lorakit "
+                            f"cannot apply inside the graph. Compile with lorakit.compile({name}, ...) instead of "
+                            f"torch.compile, pass the scale through the pipeline call, or use set_adapters weights.")
+        return None
     manager.apply_call_scale(state, (extra or {}).get("scale", state.ambient_scale))
     if extra and "scale" in extra:
         # An emptied dict becomes None, as when no scale is given, so a compiled graph sees the same inputs.

@@ -49,11 +49,6 @@ class LayerState:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def invalidate(self) -> None:
-        """Forget what the weight and branch hold (after deltas were replaced), so the next write recomputes."""
-        self.applied = (None,)
-        self.branch_applied = (None,)
-
     def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.
         w = self.weight

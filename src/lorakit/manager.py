@@ -166,9 +166,7 @@ class LoraManager:
         batched.clear_cache()
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
-                layer = self.states[comp].layers[path]
-                layer.deltas.pop(adapter_name, None)
-                layer.invalidate()
+                self.states[comp].layers[path].deltas.pop(adapter_name, None)
         for comp, modules in new.layers.items():  # ...and put the new ones where the old ones were
             state = self.states[comp]
             for path, delta in modules.items():
@@ -178,7 +176,7 @@ class LoraManager:
                 layer.deltas[adapter_name] = delta
             if adapter_name not in state.adapters:
                 state.adapters.append(adapter_name)
-                state.rules.setdefault(adapter_name, ScaleRule())
+            state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at weight 1.0
         self.adapters[adapter_name] = new
         for state in self.states.values():
             if adapter_name in state.adapters and state.name not in new.layers:
@@ -363,8 +361,7 @@ class LoraManager:
                     state.active = [state.adapters[0]]  # as PEFT: the first remaining adapter takes over
                 state.rules.pop(name, None)
                 for layer in state.layers.values():
-                    if layer.deltas.pop(name, None) is not None:
-                        layer.invalidate()
+                    layer.deltas.pop(name, None)  # signatures change only where it was live: only those re-merge
                 self._forget(name, state.name)
             self._prune(state)
             state.sync()
