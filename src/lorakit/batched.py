@@ -23,6 +23,9 @@ from .layers import Contribution, LayerState, _signature
 
 CHUNK_BYTES = 512 * 1024 * 1024  # fp32 temporaries per chunk: stacked bases + result
 DEVICES = ("cuda",)  # where batching pays off (kernel launches dominate); tests add "cpu" to exercise it
+# Above this many elements a layer's own addmm (one pass over the weight) beats the batched path (three passes:
+# stack, product, copy back), whose saving is launch overhead: ~15 us per layer against ~8 bytes per element.
+MAX_BATCHED_ELEMENTS = 4 * 1024 * 1024
 
 
 _STACKS: OrderedDict[tuple[int, ...], tuple[list[WeightDelta], torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -54,6 +57,7 @@ def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
     """Batched merging covers the common case: a CUDA weight, its backup beside it, low-rank adapters only."""
     w = layer.weight
     return (w.device.type in DEVICES and w.is_contiguous() and bool(contributions)
+            and w.numel() <= MAX_BATCHED_ELEMENTS
             and (layer.base is None or layer.base.device == w.device)
             and all(d.low_rank() is not None for d, _ in contributions))
 
