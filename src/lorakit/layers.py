@@ -58,21 +58,23 @@ class LayerState:
     def _accumulate(acc: torch.Tensor, contributions: list[Contribution], base: torch.Tensor | None = None) -> None:
         """``acc = (base if given else acc) + sum(c * delta)``; ``acc`` is the 2-D [out, in*kh*kw] view of a weight.
 
-        Each low-rank adapter is one ``addmm`` with its scale as ``alpha`` (the first one reads ``base`` and writes
-        ``acc``, so a switch costs one kernel per adapter and no temporaries)."""
-        src = base
-        for delta, mult in contributions:
-            pair = delta.low_rank()
-            if pair is not None:
-                up, down = (t.to(acc.device, acc.dtype) for t in pair)
-                torch.addmm(acc if src is None else src, up, down, alpha=mult, out=acc)
-            else:
-                if src is not None:
-                    acc.copy_(src)
-                acc.add_(delta.unscaled_delta(tuple(acc.shape), acc.dtype).to(acc.device), alpha=mult)
-            src = None
-        if src is not None:
-            acc.copy_(src)
+        All low-rank adapters go through ONE ``addmm`` that reads ``base`` and writes ``acc`` (one pass over the
+        weight whatever the adapter count): their factors are concatenated along the rank, each ``up`` scaled by its
+        multiplier in fp32 first. A single adapter passes its multiplier as ``alpha`` instead."""
+        low = [(d.low_rank(), m) for d, m in contributions if d.low_rank() is not None]
+        full = [(d, m) for d, m in contributions if d.low_rank() is None]
+        src = acc if base is None else base
+        if len(low) == 1:
+            (up, down), mult = low[0]
+            torch.addmm(src, up.to(acc.device, acc.dtype), down.to(acc.device, acc.dtype), alpha=mult, out=acc)
+        elif low:
+            up = torch.cat([(u.to(acc.device).float() * m).to(acc.dtype) for (u, _), m in low], 1)
+            down = torch.cat([d.to(acc.device, acc.dtype) for (_, d), _ in low], 0)
+            torch.addmm(src, up, down, out=acc)
+        elif base is not None:
+            acc.copy_(base)
+        for delta, mult in full:
+            acc.add_(delta.unscaled_delta(tuple(acc.shape), acc.dtype).to(acc.device), alpha=mult)
 
     def compute(self, contributions: list[Contribution]) -> torch.Tensor:
         """The weight ``base + sum(c * delta)`` for these contributions, rounded once to the weight's dtype."""
