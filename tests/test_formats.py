@@ -124,3 +124,28 @@ def test_parity_with_diffusers_on_non_peft_formats(fam_name, fmt, tmp_path):
     ref.load_lora_weights(path, adapter_name="x")
     ours.load_lora_weights(path, adapter_name="x")
     assert_close(outputs(ours, fam), outputs(ref, fam))
+
+
+def test_kohya_4d_factors_on_linear_projections(tmp_path):
+    """kohya SD2 files store proj_in/proj_out factors as 1x1 convs; diffusers SD2 (and SDXL) use Linear there."""
+    fam = family("sdxl")  # use_linear_projection=True, like SD2
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    layers = make_lora(pipe.unet, seed=9, targets=("proj_in", "proj_out"))
+    assert layers and all(isinstance(pipe.unet.get_submodule(p), torch.nn.Linear) for p in layers)
+    sd = to_state_dict(layers, "kohya", "unet")
+    sd = {k: (v[..., None, None] if v.dim() == 2 else v) for k, v in sd.items()}
+    pipe.load_lora_weights(write(sd, tmp_path / "sd2style.safetensors"), adapter_name="x")
+    _check_deltas(pipe, {"unet": layers})
+
+
+def test_embeddings_in_a_lora_file_are_reported(tmp_path):
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    sd = to_state_dict(make_lora(pipe.unet, seed=1), "peft", "unet")
+    sd["<s0>"] = torch.zeros(2, 32)
+    sd["<s1>"] = torch.zeros(2, 32)
+    with pytest.warns(UserWarning, match=r"2 textual-inversion embedding.*<s0>.*load_textual_inversion"):
+        pipe.load_lora_weights(write(sd, tmp_path / "with_emb.safetensors"), adapter_name="x")
+    assert pipe._lorakit_manager.adapters["x"].num_modules() == len(sd) // 2 - 1
