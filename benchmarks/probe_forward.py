@@ -6,7 +6,7 @@ bench.py times PEFT and lorakit in lock-step; this probe answers one question wi
 
 Run on the GPU machine (see benchmarks/README.md for the wheels): ``python3 benchmarks/probe_forward.py``.
 """
-import torch, time, statistics, lorakit, types
+import torch, statistics, lorakit, types
 from lorakit.testing import models as tm
 from lorakit.testing.loras import make_lora, to_state_dict, TRANSFORMER_TARGETS
 dev="cuda"; dt=torch.float16

@@ -35,7 +35,7 @@ def _assert_unchanged(pipe, before):
         assert torch.allclose(v, before[0][k], rtol=0, atol=0, equal_nan=True), f"{k} changed"
 
 
-def _fails(pipe, exc, match, fn):
+def _assert_fails_unchanged(pipe, exc, match, fn):
     before = _state(pipe)
     with pytest.raises(exc, match=match) as info:
         fn()
@@ -47,13 +47,13 @@ def _fails(pipe, exc, match, fn):
 def test_missing_path(env):
     _, pipe, tmp = env
     missing = tmp / "nope.safetensors"
-    _fails(pipe, lorakit.LoraFileError, "nope.safetensors", lambda: pipe.load_lora_weights(str(missing)))
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "nope.safetensors", lambda: pipe.load_lora_weights(str(missing)))
 
 
 def test_empty_file(env):
     _, pipe, tmp = env
     (tmp / "empty.safetensors").write_bytes(b"")
-    _fails(pipe, lorakit.LoraFileError, "empty.safetensors.*too short",
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "empty.safetensors.*too short",
            lambda: pipe.load_lora_weights(str(tmp / "empty.safetensors")))
 
 
@@ -61,7 +61,7 @@ def test_truncated_file(env):
     fam, pipe, tmp = env
     data = (tmp / "good.safetensors").read_bytes()
     (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    _fails(pipe, lorakit.LoraFileError, "cut.safetensors.*truncated",
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "cut.safetensors.*truncated",
            lambda: pipe.load_lora_weights(str(tmp / "cut.safetensors"), adapter_name="cut"))
 
 
@@ -69,7 +69,7 @@ def test_corrupt_header(env):
     _, pipe, tmp = env
     body = b"{not json at all"
     (tmp / "bad.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 16)
-    _fails(pipe, lorakit.LoraFileError, "bad.safetensors.*corrupt",
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "bad.safetensors.*corrupt",
            lambda: pipe.load_lora_weights(str(tmp / "bad.safetensors")))
 
 
@@ -78,7 +78,7 @@ def test_keys_matching_nothing(env):
     sd = {"unet.no_such_block.to_q.lora_A.weight": torch.zeros(4, 32),
           "unet.no_such_block.to_q.lora_B.weight": torch.zeros(32, 4)}
     path = write(sd, tmp / "nothing.safetensors")
-    msg = _fails(pipe, lorakit.LoraKeyError, "nothing.safetensors",
+    msg = _assert_fails_unchanged(pipe, lorakit.LoraKeyError, "nothing.safetensors",
                  lambda: pipe.load_lora_weights(path, adapter_name="x"))
     assert "no_such_block" in msg and "strict=False" in msg
 
@@ -89,7 +89,7 @@ def test_one_bad_key_among_good_ones_is_an_error_and_strict_false_loads_the_rest
     sd["unet.down_blocks.0.attentions.0.typo_proj.lora_A.weight"] = torch.zeros(4, 32)
     sd["unet.down_blocks.0.attentions.0.typo_proj.lora_B.weight"] = torch.zeros(32, 4)
     path = write(sd, tmp / "onebad.safetensors")
-    msg = _fails(pipe, lorakit.LoraKeyError, "typo_proj", lambda: pipe.load_lora_weights(path, adapter_name="x"))
+    msg = _assert_fails_unchanged(pipe, lorakit.LoraKeyError, "typo_proj", lambda: pipe.load_lora_weights(path, adapter_name="x"))
     assert "onebad.safetensors" in msg
     with pytest.warns(UserWarning, match="typo_proj"):
         pipe.load_lora_weights(path, adapter_name="x", strict=False)
@@ -115,7 +115,7 @@ def test_shape_mismatch_names_the_key(env):
     key = next(k for k in sd if k.endswith("attn1.to_q.lora_B.weight"))
     sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])
     path = write(sd, tmp / "shape.safetensors")
-    msg = _fails(pipe, lorakit.LoraShapeError, "shape.safetensors", lambda: pipe.load_lora_weights(path))
+    msg = _assert_fails_unchanged(pipe, lorakit.LoraShapeError, "shape.safetensors", lambda: pipe.load_lora_weights(path))
     assert "attn1.to_q" in msg and "expected" in msg
 
 
@@ -126,32 +126,32 @@ def test_nan_weights_with_safe_fusing(env):
     sd[key][0, 0] = float("nan")
     pipe.load_lora_weights(write(sd, tmp / "nan.safetensors"), adapter_name="nan")
     pipe.set_adapters(["good", "nan"], [0.7, 1.0])
-    msg = _fails(pipe, lorakit.FusingError, "nan", lambda: pipe.fuse_lora(safe_fusing=True))
+    msg = _assert_fails_unchanged(pipe, lorakit.FusingError, "nan", lambda: pipe.fuse_lora(safe_fusing=True))
     assert "to_k" in msg
     assert pipe._lorakit_manager.num_fused_loras == 0
 
 
 def test_duplicate_adapter_name(env):
     _, pipe, tmp = env
-    _fails(pipe, lorakit.AdapterError, "'good' is already in use",
+    _assert_fails_unchanged(pipe, lorakit.AdapterError, "'good' is already in use",
            lambda: pipe.load_lora_weights(str(tmp / "good.safetensors"), adapter_name="good"))
 
 
 def test_unknown_adapter_in_set_adapters(env):
     _, pipe, _ = env
-    _fails(pipe, lorakit.AdapterError, "missing", lambda: pipe.set_adapters(["good", "missing"], [1.0, 1.0]))
+    _assert_fails_unchanged(pipe, lorakit.AdapterError, "missing", lambda: pipe.set_adapters(["good", "missing"], [1.0, 1.0]))
 
 
 def test_bad_block_name_in_set_adapters(env):
     _, pipe, _ = env
-    msg = _fails(pipe, lorakit.LoraError, "block_7",
+    msg = _assert_fails_unchanged(pipe, lorakit.LoraError, "block_7",
                  lambda: pipe.set_adapters("good", {"unet": {"up": {"block_7": 0.5}}}))
     assert "up_blocks" in msg
 
 
 def test_unknown_component_in_weights(env):
     _, pipe, _ = env
-    _fails(pipe, lorakit.LoraError, "text_encoder_2", lambda: pipe.set_adapters("good", {"text_encoder_2": 0.5}))
+    _assert_fails_unchanged(pipe, lorakit.LoraError, "text_encoder_2", lambda: pipe.set_adapters("good", {"text_encoder_2": 0.5}))
 
 
 class _Evil:
@@ -166,8 +166,8 @@ def test_pickle_is_refused_and_never_runs_code(env, monkeypatch):
     path = tmp / "evil.bin"
     with open(path, "wb") as fh:
         pickle.dump({"unet.x.lora_A.weight": _Evil()}, fh)
-    _fails(pipe, lorakit.LoraFileError, "evil.bin.*allow_pickle", lambda: pipe.load_lora_weights(str(path)))
-    _fails(pipe, lorakit.LoraFileError, "evil.bin.*refused to unpickle",
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "evil.bin.*allow_pickle", lambda: pipe.load_lora_weights(str(path)))
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "evil.bin.*refused to unpickle",
            lambda: pipe.load_lora_weights(str(path), allow_pickle=True))
     assert not marker.exists()
 

@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-import torch
 
 import lorakit
 from helpers import assert_close, family, lora_state_dict, outputs, write

@@ -10,7 +10,6 @@ read from the file; the user's scale is applied by the engine, never baked in, s
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
