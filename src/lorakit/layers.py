@@ -8,9 +8,9 @@ from that copy whenever the mix changes (one ``addmm`` per adapter, written stra
 runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and ``torch.compile`` see a plain model.
 
 **branch** (the default on CPU, and the basis for per-sample adapters). The weight holds only the base and what the
-user fused; active low-rank adapters run as one stacked branch per layer, ``out += (x @ A_cat^T) @ B_cat^T``, one
-shrink and one expand whatever the number of adapters, with each adapter's scale folded into its rows of ``B_cat``.
-A scale change rebuilds two small tensors per layer instead of re-merging the weights.
+user fused; active low-rank adapters run as one stacked branch per layer, ``out += ((x @ A_cat^T) * s) @ B_cat^T``,
+one shrink and one expand whatever the number of adapters, ``s`` holding each adapter's multiplier over its ranks.
+A change of weights or scales rewrites ``s`` in place; only a change of the adapter set restacks the factors.
 
 Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """
@@ -41,7 +41,8 @@ class LayerState:
     base: torch.Tensor | None = None
     backup_device: torch.device | None = None
     applied: tuple = ()
-    branch: tuple[torch.Tensor, torch.Tensor] | None = None
+    branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
+    branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
     _hook: object = None
 
@@ -105,29 +106,31 @@ class LayerState:
     # ------------------------------------------------------------------------------------------ branch
     @torch.no_grad()
     def set_branch(self, contributions: list[Contribution]) -> None:
-        """Run these low-rank contributions as one stacked branch (shrink, then expand) in the forward pass."""
-        signature = (_signature(contributions), self.weight.device, self.weight.dtype)
-        if signature == self.branch_applied:
-            return
-        self.branch_applied = signature
+        """Run these low-rank contributions as one stacked branch (shrink, scale, expand) in the forward pass.
+
+        The stacked factors are rebuilt only when the set of adapters changes; a change of weights or call-time
+        scale only rewrites the small per-rank scale vector, in place."""
+        structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
         if not contributions:
-            self.branch = None
+            self.branch, self.branch_scale, self.branch_applied = None, None, structure
             if self._hook is not None:
                 self._hook.remove()  # no branch, no hook: the layer runs at base speed
                 self._hook = None
             return
         w = self.weight
-        ups, downs = [], []
-        for delta, mult in contributions:
-            up, down = delta.low_rank()
-            ups.append(up.to(w.device, w.dtype) * mult)
-            downs.append(down.to(w.device, w.dtype))
-        b = torch.cat(ups, 1)
-        a = torch.cat(downs, 0)
+        values = [m for d, m in contributions for _ in range(d.rank)]
+        if structure == self.branch_applied:
+            self.branch_scale.copy_(torch.tensor(values, dtype=w.dtype))
+            return
+        pairs = [d.low_rank() for d, _ in contributions]
+        b = torch.cat([up.to(w.device, w.dtype) for up, _ in pairs], 1)
+        a = torch.cat([down.to(w.device, w.dtype) for _, down in pairs], 0)
         if isinstance(self.module, nn.Conv2d):
             a = a.reshape(a.shape[0], *w.shape[1:])
             b = b.reshape(*b.shape, 1, 1)
         self.branch = (a, b)
+        self.branch_scale = torch.tensor(values, dtype=w.dtype, device=w.device)
+        self.branch_applied = structure
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._run_branch)
 
@@ -138,8 +141,8 @@ class LayerState:
         x = inputs[0]
         if isinstance(module, nn.Conv2d):
             hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
-            return output + F.conv2d(hidden, b)
-        return output + F.linear(F.linear(x, a), b)
+            return output + F.conv2d(hidden * self.branch_scale[:, None, None], b)
+        return output + F.linear(F.linear(x, a) * self.branch_scale, b)
 
     @torch.no_grad()
     def release(self, keep: list[Contribution]) -> None:
