@@ -1,35 +1,5 @@
-"""Test helpers: diffusers pipelines and models with seeded random weights."""
+"""Test helpers: diffusers pipelines and models with seeded random weights (models.py), in-memory tokenizers
+(tokenizers.py) and synthetic LoRA files in every format lorakit reads (loras.py)."""
 
-from .models import (
-    CLIP_VOCAB_SIZE,
-    TINY_VOCAB_SIZE,
-    clip_tokenizer,
-    flux_transformer,
-    randomize_,
-    sd15_pipeline,
-    sd15_text_encoder,
-    sd15_unet,
-    sdxl_text_encoders,
-    sdxl_unet,
-    t5_tokenizer,
-    tiny_flux_pipeline,
-    tiny_sd15_pipeline,
-    tiny_sdxl_pipeline,
-)
-
-__all__ = [
-    "CLIP_VOCAB_SIZE",
-    "TINY_VOCAB_SIZE",
-    "clip_tokenizer",
-    "flux_transformer",
-    "randomize_",
-    "sd15_pipeline",
-    "sd15_text_encoder",
-    "sd15_unet",
-    "sdxl_text_encoders",
-    "sdxl_unet",
-    "t5_tokenizer",
-    "tiny_flux_pipeline",
-    "tiny_sd15_pipeline",
-    "tiny_sdxl_pipeline",
-]
+from .models import *  # noqa: F401,F403  (the public names are models.__all__)
+from .models import __all__  # noqa: F401
