@@ -12,6 +12,7 @@ from lorakit import batched
 def batched_on_cpu(monkeypatch):
     monkeypatch.setattr(batched, "DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(batched, "CHUNK_BYTES", 64 * 1024)  # several chunks per group
+    monkeypatch.setattr(batched, "LARGE_ELEMENTS", 4096)  # some layers take the per-layer addmm (fp32 only on CPU)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,5 +1,6 @@
 """Bad input gets a LoraError that names the file or key, and leaves the pipeline exactly as it was."""
 
+import json
 import os
 import pickle
 
@@ -187,3 +188,11 @@ def test_errors_leave_outputs_unchanged(env):
         pipe.load_lora_weights(str(tmp / "missing.safetensors"))
     got = outputs(pipe, fam)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_header_size_disagrees_with_shape(env):
+    _, pipe, tmp = env
+    body = json.dumps({"unet.a.lora_A.weight": {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 64]}}).encode()
+    (tmp / "short.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 64)
+    _assert_fails_unchanged(pipe, lorakit.LoraFileError, "short.safetensors.*lora_A.*64 bytes",
+           lambda: pipe.load_lora_weights(str(tmp / "short.safetensors")))

@@ -82,3 +82,24 @@ def test_bare_model_attach(env):
     unet.unfuse_lora()
     unet.unload_lora()
     assert unet.get_list_adapters() == {"unet": []}
+
+
+def test_one_copy_reader_matches_safetensors(tmp_path):
+    """The GPU reader (one host-to-device copy, tensors as views) gives safetensors' tensors bit for bit, whatever
+    the dtypes and alignment; exercised here with a CPU destination."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.io import open_source
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"odd_bytes": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),
+          "half": torch.randn(7, generator=g).half(), "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+          "f32": torch.randn(3, 5, generator=g), "i64": torch.arange(5), "conv": torch.randn(4, 4, 1, 1, generator=g)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(sd, str(path))
+    got = open_source(str(path))._read_in_one_copy(torch.device("cpu"))
+    want = load_file(str(path))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key

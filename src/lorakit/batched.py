@@ -1,47 +1,53 @@
-"""Merging many layers at once on an accelerator: one batched matmul per group of same-shaped layers.
+"""Merging many layers at once: a few kernels per group of same-shaped layers instead of several per layer.
 
-A switch of the adapter mix (``set_adapters``, a call-time scale, a load) re-merges every targeted weight. Done layer
-by layer that is ~1000 small kernels and as much Python for an SDXL UNet with its text encoders; grouped by weight
-shape and adapter ranks, it is a few kernels per group::
+A switch of the adapter mix (``set_adapters``, a call-time scale, a load) re-merges every targeted weight. On an
+accelerator the cost of doing that layer by layer is launch overhead and Python (~1000 layers for an SDXL UNet with
+its text encoders), not arithmetic. Layers are grouped by weight shape and adapter ranks::
 
     W[i] = base[i] + sum_j m[i, j] * up_j[i] @ down_j[i]        for every layer i of a group
          = baddbmm(stack(base), cat_j(stack(up_j) * m[:, j]), cat_j(stack(down_j)))
 
-On the GPU the batched product runs in the weights' dtype (cuBLAS accumulates in fp32 and rounds once); each
-adapter's multipliers are applied to its factor in fp32 before that factor is rounded. Groups are cut into chunks to
-bound the temporary memory.
+Per adapter, its stacked factors over a group are cached, so a switch costs per group: one multiply per adapter,
+one concatenation, one ``baddbmm`` and one multi-tensor copy back; every multiplier of the switch crosses to the
+device in one transfer. Very large layers (Flux's 3072x12288 and up) take the same scaled factors but one ``addmm``
+each, straight from the backup into the weight: two passes over the weight fewer than the batched route, which
+there saves more GPU time than the ~50 us of host time per call costs (benchmarks/profile_switch.py measures both).
+
+Numerics match the per-layer path: each adapter's multiplier is applied to its ``up`` factor in fp32 and rounded
+once to the compute dtype; on the GPU the product runs in the weight's dtype (cuBLAS accumulates in fp32).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from .adapter import WeightDelta
 from .layers import Contribution, LayerState, _signature
 
-CHUNK_BYTES = 512 * 1024 * 1024  # fp32 temporaries per chunk: stacked bases + result
+CHUNK_BYTES = 512 * 1024 * 1024  # compute-dtype temporaries per chunk of small layers: stacked bases
 DEVICES = ("cuda",)  # where batching pays off (kernel launches dominate); tests add "cpu" to exercise it
-# Above this many elements a layer's own addmm (one pass over the weight) beats the batched path (three passes:
-# stack, product, copy back), whose saving is launch overhead: ~15 us per layer against ~8 bytes per element.
-MAX_BATCHED_ELEMENTS = 4 * 1024 * 1024
-
+# From this many elements up, a layer's own addmm beats the batched product (bandwidth, not launches, dominates):
+# 2 passes of an 18M-element bf16 weight take ~17 us on an H200, against ~50 us of host time per addmm.
+LARGE_ELEMENTS = 16 * 1024 * 1024
 
 _STACKS: OrderedDict[tuple[int, ...], tuple[list[WeightDelta], torch.Tensor, torch.Tensor]] = OrderedDict()
-STACK_CACHE_SIZE = 256
+STACK_CACHE_SIZE = 512
 
 
-def _stacked(deltas: list[WeightDelta]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked(deltas: list[WeightDelta], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked ``(up [n, out, r], down [n, r, in])`` of one adapter over a chunk of layers, cached: switching the
     mix reuses them. The cache holds the deltas themselves, so their ids (the key) cannot be reused while cached."""
-    key = tuple(id(d) for d in deltas)
+    key = (*(id(d) for d in deltas), dtype)
     hit = _STACKS.get(key)
     if hit is not None:
         _STACKS.move_to_end(key)
         return hit[1], hit[2]
     pairs = [d.low_rank() for d in deltas]
-    up, down = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    up, down = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]).to(dtype)
     _STACKS[key] = (deltas, up, down)
     if len(_STACKS) > STACK_CACHE_SIZE:
         _STACKS.popitem(last=False)
@@ -49,17 +55,37 @@ def _stacked(deltas: list[WeightDelta]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def clear_cache() -> None:
-    """Drop every cached stack (after adapters are deleted, unloaded or swapped out: frees their memory)."""
+    """Drop every cached stack."""
     _STACKS.clear()
 
 
+def forget(deltas: Iterable[WeightDelta]) -> None:
+    """Drop the cached stacks that hold any of these deltas (an adapter deleted or swapped out: frees their memory,
+    while the other adapters' stacks stay ready for the next switch)."""
+    gone = {id(d) for d in deltas}
+    for key in [k for k in _STACKS if not gone.isdisjoint(k[:-1])]:
+        del _STACKS[key]
+
+
 def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
-    """Batched merging covers the common case: a CUDA weight, its backup beside it, low-rank adapters only."""
+    """Batched merging covers the common case: a weight on a batching device, its backup beside it, low-rank
+    adapters only."""
     w = layer.weight
     return (w.device.type in DEVICES and w.is_contiguous() and bool(contributions)
-            and w.numel() <= MAX_BATCHED_ELEMENTS
             and (layer.base is None or layer.base.device == w.device)
             and all(d.low_rank() is not None for d, _ in contributions))
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    # cuBLAS accumulates half-precision products in fp32 and rounds once; elsewhere compute in fp32.
+    return w.dtype if w.device.type == "cuda" else torch.float32
+
+
+@dataclass
+class _Chunk:
+    members: list[tuple[LayerState, list[Contribution], tuple]]
+    large: bool
+    offset: int = 0  # of its multipliers in the switch's one host->device transfer
 
 
 @torch.no_grad()
@@ -78,40 +104,63 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
             layer.write(contributions)
             continue
         w = layer.weight
-        key = (w.shape[0], w[0].numel(), w.dtype, w.device, tuple(d.rank for d, _ in contributions))
+        if layer.base is None:
+            layer.base = w.detach().clone()
+        key = (w.shape, w.dtype, w.device, tuple(d.rank for d, _ in contributions),
+               w.numel() >= LARGE_ELEMENTS and w.dtype == _compute_dtype(w))
         groups[key].append((layer, contributions, signature))
     if restores:
         torch._foreach_copy_([layer.weight.detach() for layer in restores], [layer.base for layer in restores])
         for layer in restores:
             layer.applied = ()
-    for (out, inp, _, _, _), members in groups.items():
-        per_layer = out * inp * 4 * 2
-        size = max(1, CHUNK_BYTES // per_layer)
+    if groups:
+        _merge_groups(groups)
+
+
+def _merge_groups(groups: dict[tuple, list[tuple[LayerState, list[Contribution], tuple]]]) -> None:
+    chunks: dict[torch.device, list[_Chunk]] = defaultdict(list)
+    for (shape, dtype, device, _, large), members in groups.items():
+        # large layers need no stacked temporaries: one chunk
+        size = len(members) if large else max(1, CHUNK_BYTES // (shape.numel() * _compute_dtype_size(dtype, device)))
         for start in range(0, len(members), size):
-            _merge_chunk(members[start:start + size], out, inp)
+            chunks[device].append(_Chunk(members[start:start + size], large))
+    for device, device_chunks in chunks.items():
+        # every multiplier of this switch in one transfer (non-blocking: no wait for the GPU to finish its work)
+        rows = []
+        for chunk in device_chunks:
+            chunk.offset = len(rows)
+            rows.extend([m for _, m in contributions] for _, contributions, _ in chunk.members)
+        width = max(len(r) for r in rows)
+        host = torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+        mults = host.to(device, non_blocking=True)
+        for chunk in device_chunks:
+            _merge_chunk(chunk, mults[chunk.offset:chunk.offset + len(chunk.members)])
 
 
-def _merge_chunk(members: list[tuple[LayerState, list[Contribution], tuple]], out: int, inp: int) -> None:
-    weights = [layer.weight.detach().view(out, inp) for layer, _, _ in members]
-    for layer, _, _ in members:
-        if layer.base is None:
-            layer.base = layer.weight.detach().clone()
-    device, dtype = weights[0].device, weights[0].dtype
-    # cuBLAS accumulates half-precision products in fp32 and rounds once; elsewhere compute in fp32.
-    cdtype = dtype if device.type == "cuda" else torch.float32
-    acc = torch.stack([layer.base.view(out, inp) for layer, _, _ in members]).to(cdtype)
-    n_adapters = len(members[0][1])
-    mults = torch.tensor([[m for _, m in contribs] for _, contribs, _ in members], dtype=torch.float32)
-    mults = mults.to(device, non_blocking=True)
+def _compute_dtype_size(dtype: torch.dtype, device: torch.device) -> int:
+    return (dtype if device.type == "cuda" else torch.float32).itemsize
+
+
+def _merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
+    members = chunk.members
+    first = members[0][0].weight
+    shape, cdtype = first.shape, _compute_dtype(first)
     ups, downs = [], []
-    for j in range(n_adapters):
-        up, down = _stacked([contribs[j][0] for _, contribs, _ in members])
-        # the multiplier is applied in fp32, then the scaled factor is rounded once (as PEFT scales its output)
-        ups.append((up.float() * mults[:, j, None, None]).to(cdtype))
-        downs.append(down.to(cdtype))
-    up = ups[0] if n_adapters == 1 else torch.cat(ups, 2)
-    down = downs[0] if n_adapters == 1 else torch.cat(downs, 1)
-    acc.baddbmm_(up, down)
-    torch._foreach_copy_(weights, list(acc.to(dtype).unbind(0)))
+    for j in range(len(members[0][1])):
+        up, down = _stacked([contributions[j][0] for _, contributions, _ in members], cdtype)
+        scaled = torch.empty(up.shape, dtype=cdtype, device=up.device)
+        torch.mul(up, mults[:, j, None, None], out=scaled)  # in fp32, rounded once to the compute dtype
+        ups.append(scaled)
+        downs.append(down)
+    up = ups[0] if len(ups) == 1 else torch.cat(ups, 2)
+    down = downs[0] if len(downs) == 1 else torch.cat(downs, 1)
+    if chunk.large:  # the weight is in the compute dtype (see write_many's key): write it straight from its backup
+        for i, (layer, _, _) in enumerate(members):
+            torch.addmm(layer.base.view(shape[0], -1), up[i], down[i], out=layer.weight.view(shape[0], -1))
+    else:
+        acc = torch.stack([layer.base for layer, _, _ in members]).to(cdtype)
+        acc.view(len(members), shape[0], -1).baddbmm_(up, down)
+        # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
+        torch._foreach_copy_([layer.weight for layer, _, _ in members], list(acc.to(first.dtype).unbind(0)))
     for layer, _, signature in members:
         layer.applied = signature

@@ -8,8 +8,11 @@ unpickled: they are refused unless the caller opts in, and are then read with ``
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -35,6 +38,7 @@ class TensorInfo:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offsets: tuple[int, int] | None = None  # byte range in a file's data section (None for in-memory tensors)
 
 
 @dataclass
@@ -59,10 +63,33 @@ class LoraSource:
 
         assert self.path is not None
         try:
+            if torch.device(device).type == "cuda":
+                return self._read_in_one_copy(torch.device(device))
             return load_file(str(self.path), device=str(device))
         except Exception as exc:  # safetensors raises its own error types
             raise LoraFileError(f"{self.name}: could not read tensors ({exc}). The file may be truncated or "
                                 f"corrupt: download it again.") from exc
+
+
+    def _read_in_one_copy(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every tensor of the file on ``device`` with ONE host-to-device copy of the data section (mapped, not read
+        into Python), the tensors being views into it. Per-tensor copies cost ~2x on an H200 (218 MB: 86 ms)."""
+        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            data_start = 8 + struct.unpack("<Q", mapped[:8])[0]
+            with warnings.catch_warnings():  # read-only mapping: torch warns that the buffer is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                host = torch.frombuffer(mapped, dtype=torch.uint8, offset=data_start,
+                                        count=self.size_bytes - data_start)
+            data = host.to(device, copy=True)
+            del host  # the mapping closes only once no tensor views it
+        out = {}
+        for key, info in self.infos.items():
+            start, end = info.offsets
+            raw = data[start:end]
+            if start % info.dtype.itemsize:  # misaligned for a view: copy this one tensor
+                raw = raw.clone()
+            out[key] = raw.view(info.dtype).view(info.shape)
+        return out
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -101,7 +128,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if not 0 <= start <= end <= data_len:
             raise LoraFileError(f"{where}: tensor {key!r} lies at bytes {start}..{end} but the data section has "
                                 f"{data_len} bytes: the file is truncated. Download it again.")
-        infos[key] = TensorInfo(dtype, shape)
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise LoraFileError(f"{where}: tensor {key!r} has shape {list(shape)} ({dtype}) but {end - start} bytes "
+                                f"of data. The file is corrupt: download or save it again.")
+        infos[key] = TensorInfo(dtype, shape, (start, end))
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 

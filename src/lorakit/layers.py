@@ -48,7 +48,7 @@ class LayerState:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return self.module._parameters["weight"]  # read on every switch for ~1000 layers: skip Module.__getattr__
 
     def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.
@@ -110,6 +110,8 @@ class LayerState:
 
         The stacked factors are rebuilt only when the set of adapters changes; a change of weights or call-time
         scale only rewrites the small per-rank scale vector, in place."""
+        if not contributions and self._hook is None:
+            return  # the merge path's common case: nothing to run, nothing to remove
         structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
         if not contributions:
             self.branch, self.branch_scale, self.branch_applied = None, None, structure
@@ -148,6 +150,10 @@ class LayerState:
     def release(self, keep: list[Contribution]) -> None:
         """Leave the weight holding ``keep`` (the fused adapters), drop the branch and forget the backup: unload."""
         self.write(keep)
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget the branch, the backup and the adapters, leaving the weight as it is now."""
         self.set_branch([])
         self.base = None
         self.applied = ()

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -27,6 +28,19 @@ from .scales import ScaleRule, build_rule
 from .state import MODES, ComponentState, FusedEntry
 
 Names = str | Sequence[str]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a load builds its few thousand small objects: with a
+    diffusers pipeline in memory, the full collections it would trigger cost tens of ms per load."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _as_list(names: Names | None) -> list[str] | None:
@@ -102,7 +116,13 @@ class LoraManager:
             'style'
         """
         hub_kwargs.pop("low_cpu_mem_usage", None)  # lorakit never builds throw-away modules: always "low"
-        source = open_source(pretrained_model_name_or_path_or_dict, weight_name, allow_pickle=allow_pickle,
+        with _gc_paused():
+            return self._load(pretrained_model_name_or_path_or_dict, weight_name, adapter_name, hotswap, prefix,
+                              strict, allow_pickle, components, hub_kwargs)
+
+    def _load(self, src, weight_name, adapter_name, hotswap, prefix, strict, allow_pickle, components,
+              hub_kwargs) -> str:
+        source = open_source(src, weight_name, allow_pickle=allow_pickle,
                              subfolder=hub_kwargs.pop("subfolder", None),
                              **{k: hub_kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "revision")
                                 if k in hub_kwargs})
@@ -162,7 +182,7 @@ class LoraManager:
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
         new = build_adapter(plan, adapter_name, self.states, source.load(self._load_device(plan)))
         old = self.adapters[adapter_name]
-        batched.clear_cache()
+        batched.forget(d for modules in old.layers.values() for d in modules.values())
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
                 self.states[comp].layers[path].deltas.pop(adapter_name, None)
@@ -366,26 +386,29 @@ class LoraManager:
             state.sync()
 
     def _forget(self, name: str, component: str) -> None:
-        batched.clear_cache()
         adapter = self.adapters.get(name)
         if adapter is None:
             return
+        batched.forget(adapter.layers.get(component, {}).values())
         adapter.layers.pop(component, None)
         if not adapter.components:
             del self.adapters[name]
 
     def _prune(self, state: ComponentState) -> None:
         """Drop layers that hold no adapter and no fused delta (restoring their base first)."""
-        for path in [p for p, l in state.layers.items() if not l.deltas
-                     and not any(p in f.contributions for f in state.fused)]:
-            state.layers.pop(path).release([])
+        gone = [p for p, layer in state.layers.items() if not layer.deltas
+                and not any(p in f.contributions for f in state.fused)]
+        batched.write_many([(state.layers[p], []) for p in gone])  # exact restores, batched
+        for path in gone:
+            state.layers.pop(path).drop()
 
     def unload_lora_weights(self, components: Sequence[str] | None = None) -> None:
         """Remove every adapter. Weights return bit-exactly to the base, except what the user fused, which stays
         fused (diffusers' fuse -> unload -> save_pretrained / compile flow)."""
         for state in self._states(components):
-            for path, layer in state.layers.items():
-                layer.release(state.fused_part(path))
+            batched.write_many([(layer, state.fused_part(path)) for path, layer in state.layers.items()])
+            for layer in state.layers.values():
+                layer.drop()
             for name in list(state.adapters):
                 self._forget(name, state.name)
             state.layers.clear()

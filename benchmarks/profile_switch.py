@@ -1,0 +1,118 @@
+"""GPU probe: where the time of an adapter switch goes (lorakit only, merge mode, SDXL-sized fp16).
+
+Times each state-changing call twice: the host time until the call returns, and the time until the GPU is done; then
+profiles a few ``set_adapters`` calls with cProfile (Python) and torch.profiler (kernels). Run on the GPU machine:
+``python3 benchmarks/profile_switch.py`` (see benchmarks/README.md for the wheels).
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import lorakit
+from lorakit.testing import models as tm
+from lorakit.testing.loras import TRANSFORMER_TARGETS, make_lora, to_state_dict
+
+UNET_TARGETS = TRANSFORMER_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def lora_file(comps: dict, seed: int, rank: int = 32) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, model in comps.items():
+        targets = UNET_TARGETS if name == "unet" else TE_TARGETS
+        layers = make_lora(model, rank=rank, seed=seed, targets=targets, dtype=torch.float16)
+        sd.update(to_state_dict(layers, "peft", name, model=model, sdxl_te=name != "unet"))
+    return sd
+
+
+def timed(fn, n: int = 7) -> tuple[float, float]:
+    """(median host ms until return, median ms until the GPU is done)."""
+    host, total = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e3)
+        total.append((t2 - t0) * 1e3)
+    return statistics.median(host), statistics.median(total)
+
+
+def main() -> None:
+    dev, dt = "cuda", torch.float16
+    unet = tm.sdxl_unet(device=dev, dtype=dt)
+    te1, te2 = tm.sdxl_text_encoders(device=dev, dtype=dt)
+    comps = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+    pipe = types.SimpleNamespace(**comps)
+    lorakit.attach(pipe, mode="merge")
+    files = [lora_file(comps, seed=i) for i in range(4)]
+    print("tensors per file", len(files[0]))
+    counter = iter(range(10**6))
+    path = Path(tempfile.mkdtemp()) / "lora.safetensors"
+    save_file(files[0], str(path))
+
+    def load() -> None:
+        k = next(counter)
+        pipe.load_lora_weights(str(path), adapter_name=f"x{k}")
+        pipe.delete_adapters(f"x{k}")
+
+    for i, sd in enumerate(files):
+        pipe.load_lora_weights(sd, adapter_name="abcd"[i])
+    w = iter(range(10**6))
+    ops = {
+        "set_adapters 1": lambda: pipe.set_adapters("a", 0.5 + 0.001 * next(w)),
+        "set_adapters 2": lambda: pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8]),
+        "set_adapters 4": lambda: pipe.set_adapters(list("abcd"), [0.5 + 0.001 * next(w), 0.6, 0.7, 0.8]),
+        "disable+enable": lambda: (pipe.disable_lora(), pipe.enable_lora()),
+        "load+delete": load,
+    }
+    for name, fn in ops.items():
+        fn()
+        h, t = timed(fn)
+        print(f"{name:16s} host {h:7.1f} ms   total {t:7.1f} ms")
+
+    pipe.set_adapters(["a", "b"], [0.5, 0.8])
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        ops["set_adapters 2"]()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(15)
+    print(s.getvalue())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            ops["set_adapters 2"]()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        load()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(30)
+    print(s.getvalue())
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
