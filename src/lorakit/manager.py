@@ -203,7 +203,7 @@ class LoraManager:
                              majority_sign_method: str = "total", svd_rank: int | None = None,
                              svd_clamp: float | None = None, seed: int | None = None,
                              svd_full_matrices: bool = True, svd_driver: str | None = None,
-                             components: Sequence[str] | None = None) -> "MergeReport":
+                             components: Sequence[str] | None = None) -> MergeReport:
         """Create adapter ``adapter_name`` by merging loaded adapters, in every component they touch, with PEFT's
         ``LoraModel.add_weighted_adapter`` methods and semantics (see :mod:`lorakit.merging`), for any ranks with
         ``cat`` and the ``*_svd`` methods. The sources and the base weights are unchanged; the new adapter is

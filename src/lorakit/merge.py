@@ -145,7 +145,7 @@ def rank_for_energy(S: torch.Tensor, fraction: float) -> int:
     energy = (S.double() ** 2).cumsum(0)
     if energy[-1] == 0:
         return 1
-    return int(torch.searchsorted(energy / energy[-1], torch.tensor(fraction - 1e-12, dtype=energy.dtype)).item()) + 1
+    return torch.searchsorted(energy / energy[-1], torch.tensor(fraction - 1e-12, dtype=energy.dtype)).item() + 1
 
 
 def relative_error(S: torch.Tensor, rank: int) -> float:

@@ -16,8 +16,8 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,7 +46,7 @@ def factor_shape(delta: WeightDelta) -> Shape:
     raise LoraError(f"cannot merge a {type(delta).__name__}.")
 
 
-def _from_2d(up: torch.Tensor, down: torch.Tensor, shape: Shape, dtype: torch.dtype) -> LoraWeights:
+def lora_from_2d(up: torch.Tensor, down: torch.Tensor, shape: Shape, dtype: torch.dtype) -> LoraWeights:
     """LoraWeights shaped for the target: down [r, in(, kh, kw)], up [out, r(, 1, 1)] for convs."""
     r = down.shape[0]
     conv = len(shape) == 4
@@ -106,7 +106,7 @@ def _check_merge(adapters: Sequence[Adapter], weights: Sequence[float], method: 
                                     f"{M.svd_alternative(method) if method != 'cat' else 'svd'!r}, which merges "
                                     f"full deltas.")
     if method in M.FACTOR_METHODS:
-        for comp, path, present in _modules(adapters):
+        for comp, path, present in touched_modules(adapters):
             ranks = {a.name: a.layers[comp][path].rank for a, _ in present}
             if len(set(ranks.values())) > 1:
                 raise LoraError(f"add_weighted_adapter: {method!r} needs equal ranks, but {comp}.{path} has ranks "
@@ -114,7 +114,7 @@ def _check_merge(adapters: Sequence[Adapter], weights: Sequence[float], method: 
     return method
 
 
-def _modules(adapters: Sequence[Adapter]) -> list[tuple[str, str, list[tuple[Adapter, int]]]]:
+def touched_modules(adapters: Sequence[Adapter]) -> list[tuple[str, str, list[tuple[Adapter, int]]]]:
     """Every (component, path) any adapter touches, with the adapters (and their indices) that hold it."""
     keys: dict[tuple[str, str], list[tuple[Adapter, int]]] = {}
     for i, a in enumerate(adapters):
@@ -136,18 +136,18 @@ def merge_module(deltas: Sequence[WeightDelta], weights: Sequence[float], method
         full = [d.delta(shape, torch.float32).reshape(shape[0], -1) for d in deltas]
         total = M.combine(method, full, torch.tensor(weights, dtype=torch.float32), **kw)
         up, down, S = M.truncated_svd(total, rank, clamp=svd_clamp)
-        return _from_2d(up, down, shape, dtype), M.relative_error(S, up.shape[1])
+        return lora_from_2d(up, down, shape, dtype), M.relative_error(S, up.shape[1])
     factors = [tuple(t.float() for t in d.low_rank()) for d in deltas]  # (up2d, down2d)
     scaled = [w * d.scale for w, d in zip(weights, deltas)]
     if method == "cat":
         down = torch.cat([dn * s for (_, dn), s in zip(factors, scaled)])
         up = torch.cat([u for u, _ in factors], dim=1)
-        return _from_2d(up, down, shape, dtype), None
+        return lora_from_2d(up, down, shape, dtype), None
     w_down = torch.tensor([math.copysign(math.sqrt(abs(s)), s) for s in scaled])
     w_up = torch.tensor([math.sqrt(abs(s)) for s in scaled])
     down = M.combine(method, [dn for _, dn in factors], w_down, **kw)
     up = M.combine(method, [u for u, _ in factors], w_up, **kw)
-    return _from_2d(up, down, shape, dtype), None
+    return lora_from_2d(up, down, shape, dtype), None
 
 
 def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float], adapter_name: str,
@@ -175,7 +175,7 @@ def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float], adapte
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     layers: dict[str, dict[str, WeightDelta]] = {}
     report = MergeReport()
-    for comp, path, present in sorted(_modules(adapters), key=lambda x: (x[0], x[1])):
+    for comp, path, present in sorted(touched_modules(adapters), key=lambda x: (x[0], x[1])):
         deltas = [a.layers[comp][path] for a, _ in present]
         ws = [float(weights[i]) for _, i in present]
         merged, err = merge_module(deltas, ws, method, shape_of(comp, path, deltas), rank=rank, density=density,
@@ -218,7 +218,7 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
             k = rank if rank is not None else M.rank_for_energy(S, energy)
             k = max(1, min(k, S.numel()))
             root = S[:k].sqrt()
-            new = _from_2d(up[:, :k] * root, root[:, None] * down[:k], shape, dtype)
+            new = lora_from_2d(up[:, :k] * root, root[:, None] * down[:k], shape, dtype)
             layers.setdefault(comp, {})[path] = new.to(device=next(iter(delta.tensors().values())).device)
             report.modules.append(ModuleReport(comp, path, k, M.relative_error(S, k)))
             if progress:
