@@ -195,3 +195,14 @@ def test_lokr_full_delta_for_svd_methods_error_for_factor_methods():
     assert torch.allclose(merged.layers["model"]["lin"].delta((12, 16)), expected, atol=1e-4)
     with pytest.raises(LoraError, match="LokrWeights.*'ties_svd'"):
         merge_adapters([a, b], [1.0, 1.0], "m", "ties", density=0.5)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_top_singular_is_the_truncated_svd(shape):
+    d = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    up, down, S = M.top_singular(d, 5)
+    U, S_ref, Vh = torch.linalg.svd(d, full_matrices=False)
+    assert torch.allclose(S, S_ref, atol=1e-5)
+    assert torch.allclose(up @ down, (U[:, :5] * S_ref[:5]) @ Vh[:5], atol=1e-5)
+    assert torch.allclose(down @ down.T, torch.eye(5), atol=1e-5)  # down = Vh_k, up = U_k * S_k as PEFT splits
+    assert abs(M.relative_error(S, 5) - ((d - up @ down).norm() / d.norm()).item()) < 1e-5

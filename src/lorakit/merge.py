@@ -41,14 +41,19 @@ def svd_alternative(method: str) -> str:
 
 
 def prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest (density >= 1: unchanged)."""
+    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest (density >= 1: unchanged).
+
+    The cut is a k-th value threshold (several times faster than a top-k on large layers); entries tied with it
+    are all kept, which only differs from a top-k when equal non-zero magnitudes straddle the cut.
+    """
     if density >= 1:
         return tensor
     k = int(density * tensor.numel())
-    flat = tensor.reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[flat.abs().topk(k).indices] = 1
-    return tensor * mask.reshape(tensor.shape)
+    if k == 0:
+        return torch.zeros_like(tensor)
+    magnitude = tensor.abs()
+    threshold = magnitude.reshape(-1).kthvalue(tensor.numel() - k + 1).values
+    return tensor * (magnitude >= threshold)
 
 
 def prune_random(tensor: torch.Tensor, density: float, generator: torch.Generator | None = None,
@@ -112,30 +117,51 @@ def combine(method: str, tensors: Sequence[torch.Tensor], weights: torch.Tensor,
     return weighted.sum(dim=0)
 
 
-def truncated_svd(delta: torch.Tensor, rank: int, clamp: float | None = None,
-                  balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_k * S_k, Vh_k, S)`` of a 2-D ``delta``: the top ``k = min(rank, *shape)`` singular triplets, with the
+    singular values ``S`` (all of them, descending, for error reports).
+
+    Exact, through the eigendecomposition of the smaller Gram matrix in float64 (``up = D @ V_k`` is ``U_k * S_k``):
+    about 3x faster than a full SVD on large layers; float64 keeps the top triplets accurate far below 1e-6.
+    """
+    m, n = delta.shape
+    k = max(1, min(rank, m, n))
+    d = delta.double()
+    if m >= n:
+        evals, evecs = torch.linalg.eigh(d.T @ d)
+        v = evecs.flip(-1)[:, :k]
+        up, down = d @ v, v.T
+    else:
+        evals, evecs = torch.linalg.eigh(d @ d.T)
+        u = evecs.flip(-1)[:, :k]
+        down = u.T @ d  # rows have norms S_k: move them to up, as U_k * S_k
+        norms = down.norm(dim=1)
+        up, down = u * norms, down / norms.clamp(min=1e-300)[:, None]
+    S = evals.flip(-1).clamp(min=0).sqrt()
+    return up.to(delta.dtype), down.to(delta.dtype), S.to(delta.dtype)
+
+
+def truncated_svd(delta: torch.Tensor, rank: int,
+                  clamp: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(up [out, k], down [k, in], S)`` with ``up @ down`` the best rank-``k`` approximation of a 2-D ``delta``,
     ``k = min(rank, *delta.shape)``; ``S`` holds every singular value (for error reports).
 
     As PEFT (and kohya's svd_merge_lora): ``up = U * S``, ``down = Vh``, then with ``clamp`` (a quantile in (0, 1])
-    both are clamped to +-the ``clamp`` quantile of their joined entries. ``balanced`` splits ``sqrt(S)`` to each side
-    instead (same product, better conditioned factors; used by resize and extract).
+    both are clamped to +-the ``clamp`` quantile of their joined entries. That quantile of signed entries depends on
+    the signs the SVD routine gives each singular pair, so with ``clamp`` the factors come from
+    ``torch.linalg.svd`` as in PEFT; without, from the faster :func:`top_singular` (same product).
     """
+    if clamp is None:
+        return top_singular(delta, rank)
+    if not 0 < clamp <= 1:
+        raise LoraError(f"svd_clamp must be a quantile in (0, 1], found {clamp}.")
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     k = max(1, min(rank, S.numel()))
-    if balanced:
-        root = S[:k].sqrt()
-        up, down = U[:, :k] * root, root[:, None] * Vh[:k]
-    else:
-        up, down = U[:, :k] * S[:k], Vh[:k]
-    if clamp is not None:
-        if not 0 < clamp <= 1:
-            raise LoraError(f"svd_clamp must be a quantile in (0, 1], found {clamp}.")
-        joined = torch.cat([up.flatten(), down.flatten()])
-        hi = torch.quantile(joined.float(), clamp).to(joined.dtype) if joined.numel() < 2 ** 24 else \
-            joined.kthvalue(max(1, int(round(clamp * joined.numel())))).values
-        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
-    return up, down, S
+    up, down = U[:, :k] * S[:k], Vh[:k]
+    joined = torch.cat([up.flatten(), down.flatten()])
+    hi = torch.quantile(joined.float(), clamp).to(joined.dtype) if joined.numel() < 2 ** 24 else \
+        joined.kthvalue(max(1, round(clamp * joined.numel()))).values
+    return up.clamp(-hi, hi), down.clamp(-hi, hi), S
 
 
 def rank_for_energy(S: torch.Tensor, fraction: float) -> int:
