@@ -130,7 +130,7 @@ def merge_module(deltas: Sequence[WeightDelta], weights: Sequence[float], method
                  ) -> tuple[LoraWeights, float | None]:
     """Merge the deltas of one module (the adapters that hold it) into new LoRA factors; returns them and, for the
     ``*_svd`` methods, the relative error of the truncation."""
-    dtype = deltas[0].tensors()[next(iter(deltas[0].tensors()))].dtype
+    dtype = next(iter(deltas[0].tensors().values())).dtype
     kw = {"density": density, "majority_sign_method": majority_sign_method, "generator": generator}
     if method in M.SVD_METHODS:
         full = [d.delta(shape, torch.float32).reshape(shape[0], -1) for d in deltas]
