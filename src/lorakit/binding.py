@@ -28,7 +28,8 @@ _ATTR = "_lorakit_manager"
 
 _PIPELINE_VERBS = ("load_lora_weights", "set_adapters", "disable_lora", "enable_lora", "get_active_adapters",
                    "get_list_adapters", "delete_adapters", "unload_lora_weights", "fuse_lora", "unfuse_lora",
-                   "save_lora_weights", "save_lora_adapter", "enable_lora_hotswap")
+                   "save_lora_weights", "save_lora_adapter", "enable_lora_hotswap",
+                   "add_weighted_adapter")
 
 
 class _ScaleWarningFilter(logging.Filter):
@@ -138,6 +139,11 @@ class ModelVerbs:
     def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
         self.manager.enable_lora_hotswap(target_rank, check_compiled)
 
+    def add_weighted_adapter(self, adapters: Any, weights: Any, adapter_name: str, combination_type: str = "svd",
+                             **kwargs: Any) -> Any:
+        return self.manager.add_weighted_adapter(adapters, weights, adapter_name, combination_type,
+                                                 components=self.scope, **kwargs)
+
     # PEFT-style aliases diffusers models also expose
     set_adapter = set_adapters
     disable_adapters = disable_lora
@@ -146,7 +152,8 @@ class ModelVerbs:
 
     VERBS = ("load_lora_adapter", "set_adapters", "set_adapter", "fuse_lora", "unfuse_lora", "disable_lora",
              "enable_lora", "disable_adapters", "enable_adapters", "delete_adapters", "unload_lora",
-             "unload_lora_weights", "active_adapters", "get_list_adapters", "save_lora_adapter", "enable_lora_hotswap")
+             "unload_lora_weights", "active_adapters", "get_list_adapters", "save_lora_adapter", "enable_lora_hotswap",
+             "add_weighted_adapter")
 
 
 def _diffusers_default(cls: type, method: str, parameter: str) -> Any:

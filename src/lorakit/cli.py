@@ -1,11 +1,15 @@
-"""The ``lorakit`` command: ``inspect`` a LoRA file, run the ``demo``. Parsing and rendering only; the work lives in
-:mod:`lorakit.inspection` and :mod:`lorakit.demo`.
+"""The ``lorakit`` command: ``inspect`` a LoRA file, ``merge``/``resize`` LoRA files, ``extract`` a LoRA from two
+models, run the ``demo``. Parsing and rendering only; the work lives in :mod:`lorakit.inspection`,
+:mod:`lorakit.merging`, :mod:`lorakit.extraction` and :mod:`lorakit.demo`.
 
 Exit codes: 0 ok, 1 unexpected error or a failed demo check (a bug: ``LORAKIT_TRACEBACK=1`` shows tracebacks),
 2 bad input (any :class:`~lorakit.LoraError`, usage errors).
 
 Example:
     $ lorakit inspect style.safetensors --keys
+    $ lorakit merge a.safetensors b.safetensors --weights 0.7 0.8 --method ties --density 0.5 -o mix.safetensors
+    $ lorakit resize big.safetensors --rank 8 -o small.safetensors
+    $ lorakit extract tuned/unet base/unet --rank 32 --namespace unet -o extracted.safetensors
     $ lorakit demo
     $ lorakit demo --model ./sd15 --lora style.safetensors:0.8 --prompt "a cat" --output cat.png
 """
@@ -34,7 +38,8 @@ _META_WIDTH = 100  # metadata values (tag frequencies, bucket info) can be kilob
 # ------------------------------------------------------------------------------------------------ parsing
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="lorakit", description="Inspect LoRA files and demo lorakit's engine.")
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Inspect, merge, resize and extract LoRA files; demo lorakit's engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ins = sub.add_parser("inspect", help="what a LoRA file holds (header only, no weights read)")
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.add_argument("--keys", action="store_true", help="list every targeted module")
     ins.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (only if trusted)")
+
+    _add_merge_parsers(sub)
 
     demo = sub.add_parser("demo", help="run the LoRA API end to end (embedded tiny pipeline, or --model)")
     demo.add_argument("--model", help="a diffusers pipeline folder or hub id; default: an embedded tiny SD1.5")
@@ -54,6 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
     demo.add_argument("--output", type=Path, default=None, help="image to write (default out.png with --model)")
     return parser
+
+
+def _add_merge_parsers(sub) -> None:
+    from .merge import METHODS
+
+    merge = sub.add_parser("merge", help="merge LoRA files into one (PEFT's add_weighted_adapter methods)")
+    merge.add_argument("files", nargs="+", help="LoRA .safetensors files, all with the same key style")
+    merge.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per file (default 1.0)")
+    merge.add_argument("--method", choices=METHODS, default="svd", help="combination type (default svd)")
+    merge.add_argument("--density", type=float, default=None, help="fraction kept by ties/dare/magnitude_prune")
+    merge.add_argument("--majority-sign", choices=("total", "frequency"), default="total")
+    merge.add_argument("--rank", type=int, default=None, help="rank of *_svd results (default: largest input rank)")
+    merge.add_argument("--clamp", type=float, default=None, help="quantile to clamp *_svd factors to")
+    merge.add_argument("--seed", type=int, default=None, help="seed of the dare_* methods")
+    merge.add_argument("-o", "--output", type=Path, required=True, help=".safetensors file to write")
+
+    resize = sub.add_parser("resize", help="re-rank a LoRA file by SVD (fixed rank or kept energy)")
+    resize.add_argument("file")
+    how = resize.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="new rank of every layer")
+    how.add_argument("--energy", type=float, help="keep this fraction of the squared singular values (0..1]")
+    resize.add_argument("-o", "--output", type=Path, required=True)
+    resize.add_argument("--layers", action="store_true", help="list every layer's rank and error")
+
+    ext = sub.add_parser("extract", help="LoRA of tuned - base (diffusers model folders or .safetensors)")
+    ext.add_argument("tuned", help="fine-tuned model folder or .safetensors state dict")
+    ext.add_argument("base", help="base model folder or .safetensors state dict")
+    ext.add_argument("--rank", type=int, required=True)
+    ext.add_argument("--conv-rank", type=int, default=None, help="rank of kxk convs (default --rank)")
+    ext.add_argument("--clamp-quantile", type=float, default=None, help="clamp factors to this quantile (kohya 0.99)")
+    ext.add_argument("--min-diff", type=float, default=0.0, help="skip layers whose largest change is this or less")
+    ext.add_argument("--namespace", default=None, help="key prefix: unet, transformer, text_encoder...")
+    ext.add_argument("-o", "--output", type=Path, required=True)
+    ext.add_argument("--layers", action="store_true", help="list every layer's rank and error")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
@@ -165,6 +206,101 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------- merge / resize / extract
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """Two-column summary of a merge, resize or extract."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    return table
+
+
+def layers_table(report) -> Table:
+    """One row per module of a :class:`~lorakit.merging.MergeReport`."""
+    table = Table(title=f"Layers ({len(report.modules)})", title_justify="left")
+    for col in ("module", "rank", "rel. error"):
+        table.add_column(col, overflow="fold")
+    for m in report.modules:
+        table.add_row(f"{m.component}.{m.path}" if m.component else m.path, str(m.rank),
+                      "-" if m.error is None else f"{m.error:.2e}")
+    return table
+
+
+def _report_rows(report, output: Path, seconds: float) -> list[tuple[str, str]]:
+    err = report.max_error
+    return [("modules", str(len(report.modules))), ("ranks", _counts(report.ranks)),
+            ("max rel. error", "-" if err is None else f"{err:.3e}"), ("time", f"{seconds:.2f} s"),
+            ("written", str(output))]
+
+
+def _run_with_progress(err: Console, total: int, label: str, work: Callable) -> tuple:
+    import time
+
+    start = time.perf_counter()
+    with _progress(err) as progress:
+        task = progress.add_task(label, total=total)
+        result = work(lambda what: progress.update(task, advance=1, description=f"{label} {what[-40:]}"))
+    return result, time.perf_counter() - start
+
+
+def cmd_merge(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .lorafiles import check_same_style, read_lora_file, write_lora_file
+    from .merging import merge_adapters, touched_modules
+
+    files = [read_lora_file(f) for f in args.files]
+    style = check_same_style(files)
+    weights = args.weights if args.weights is not None else [1.0] * len(files)
+    adapters = [f.adapter for f in files]
+    def work(tick: Callable) -> tuple:
+        return merge_adapters(adapters, weights, args.output.stem, args.method, density=args.density,
+                              majority_sign_method=args.majority_sign, svd_rank=args.rank, svd_clamp=args.clamp,
+                              seed=args.seed, progress=tick)
+
+    (merged, report), seconds = _run_with_progress(err, len(touched_modules(adapters)), "merging", work)
+    prefixes = {k: v for f in files for k, v in f.kohya_prefixes.items()}
+    write_lora_file(merged, args.output, style=style, kohya_prefixes=prefixes,
+                    extra_metadata={"merge": merged.metadata["lorakit_merge"]})
+    rows = [("inputs", ", ".join(f"{p} x {w:g}" for p, w in zip(args.files, weights))), ("method", args.method)]
+    out.print(summary_table("lorakit merge", rows + _report_rows(report, args.output, seconds)))
+    return EXIT_OK
+
+
+def cmd_resize(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .lorafiles import read_lora_file, write_lora_file
+    from .merging import resize_adapter
+
+    lf = read_lora_file(args.file)
+    total = lf.adapter.num_modules()
+    (small, report), seconds = _run_with_progress(err, total, "resizing", lambda tick: resize_adapter(
+        lf.adapter, rank=args.rank, energy=args.energy, progress=tick))
+    write_lora_file(small, args.output, style=lf.style, kohya_prefixes=lf.kohya_prefixes,
+                    extra_metadata={"resize": small.metadata["lorakit_resize"]})
+    target = f"rank {args.rank}" if args.rank is not None else f"energy {args.energy:g}"
+    out.print(summary_table("lorakit resize", [("input", args.file), ("target", target)]
+                            + _report_rows(report, args.output, seconds)))
+    if args.layers:
+        out.print(layers_table(report))
+    return EXIT_OK
+
+
+def cmd_extract(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .extraction import extract_from_weights, target_weights
+    from .lorafiles import write_lora_file
+
+    tuned, base = target_weights(args.tuned), target_weights(args.base)
+    (lora, report), seconds = _run_with_progress(err, len(tuned), "extracting", lambda tick: extract_from_weights(
+        tuned, base, args.rank, conv_rank=args.conv_rank, clamp_quantile=args.clamp_quantile,
+        min_diff=args.min_diff, namespace=args.namespace, name=args.output.stem, progress=tick))
+    write_lora_file(lora, args.output, extra_metadata={"extract": f"rank={args.rank} conv_rank={args.conv_rank}"})
+    rows = [("tuned", args.tuned), ("base", args.base), ("layers compared", str(len(tuned)))]
+    out.print(summary_table("lorakit extract", rows + _report_rows(report, args.output, seconds)))
+    if args.layers:
+        out.print(layers_table(report))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def steps_table(records: list, title: str) -> Table:
     """The demo's step records: timings, check results, and each step's detail dimmed under its name."""
@@ -263,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args, out)
-        return cmd_demo(args, out, err)
+        commands = {"merge": cmd_merge, "resize": cmd_resize, "extract": cmd_extract, "demo": cmd_demo}
+        return commands[args.command](args, out, err)
     except LoraError as exc:
         # soft_wrap: never break a path in the message across lines
         err.print(Text(f"error: {exc}", style="red"), soft_wrap=True)

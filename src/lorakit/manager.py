@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ from .scales import ScaleRule, build_rule
 from .state import MODES, ComponentState, FusedEntry
 
 Names = str | Sequence[str]
+
+if TYPE_CHECKING:
+    from .merging import MergeReport
 
 
 @contextlib.contextmanager
@@ -150,7 +153,7 @@ class LoraManager:
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
         return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
-    def _register(self, adapter: Adapter) -> None:
+    def _register(self, adapter: Adapter, activate: bool = True) -> None:
         adapter.family = model_family({n: s.model for n, s in self.states.items()})
         self.adapters[adapter.name] = adapter
         for comp, modules in adapter.layers.items():
@@ -161,7 +164,8 @@ class LoraManager:
                     layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
                 layer.deltas[adapter.name] = delta
             state.adapters.append(adapter.name)
-            state.active = [adapter.name]  # as diffusers: a new adapter becomes the one active adapter
+            if activate:
+                state.active = [adapter.name]  # as diffusers: a new adapter becomes the one active adapter
             state.rules[adapter.name] = ScaleRule()
             state.sync()
 
@@ -212,6 +216,41 @@ class LoraManager:
         if target_rank < 1:
             raise LoraError(f"enable_lora_hotswap: target_rank must be >= 1, found {target_rank}.")
         self.hotswap_rank = int(target_rank)
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", *, density: float | None = None,
+                             majority_sign_method: str = "total", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, seed: int | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None,
+                             components: Sequence[str] | None = None) -> MergeReport:
+        """Create adapter ``adapter_name`` by merging loaded adapters, in every component they touch, with PEFT's
+        ``LoraModel.add_weighted_adapter`` methods and semantics (see :mod:`lorakit.merging`), for any ranks with
+        ``cat`` and the ``*_svd`` methods. The sources and the base weights are unchanged; the new adapter is
+        registered like a loaded one and, as in PEFT, not activated (``set_adapters`` it). Returns a per-module
+        report (new ranks, SVD truncation errors). ``svd_full_matrices``/``svd_driver`` are accepted for PEFT
+        compatibility and do not change the result.
+
+        Example:
+            >>> pipe.add_weighted_adapter(["a", "b"], [0.7, 0.8], "mix", "ties", density=0.5)  # doctest: +SKIP
+            >>> pipe.set_adapters("mix")                                                    # doctest: +SKIP
+        """
+        from .merging import merge_adapters
+
+        names = _as_list(adapters)
+        states = self._states(components)
+        self._check_names(names, states)
+        if adapter_name in self.adapters:
+            raise AdapterError(f"add_weighted_adapter: adapter name {adapter_name!r} is already in use; pick another "
+                               f"adapter_name or delete_adapters({adapter_name!r}) first.")
+        scope = {s.name for s in states}
+        inputs = [Adapter(n, {c: m for c, m in self.adapters[n].layers.items() if c in scope}) for n in names]
+        shape_of = lambda comp, path, ds: tuple(self.states[comp].index.modules[path].weight.shape)  # noqa: E731
+        merged, report = merge_adapters(inputs, list(weights), adapter_name, combination_type, shape_of=shape_of,
+                                        density=density, majority_sign_method=majority_sign_method,
+                                        svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed)
+        self._register(merged, activate=False)
+        return report
 
     # ------------------------------------------------------------------------------------ activation & scales
     def set_adapters(self, adapter_names: Names, adapter_weights: Any = None, *,

@@ -33,11 +33,12 @@ def _peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
     }
 
 
-def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]], components: list[str],
+def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]] | None, components: list[str],
             prefixed: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of ``adapter`` in diffusers/PEFT format.
 
-    ``modules[component][path]`` is the target layer (its type decides 2-D vs 4-D factors). With ``prefixed`` keys
+    ``modules[component][path]`` is the target layer (its type decides 2-D vs 4-D factors); with ``modules=None``
+    (no model at hand: files merged or extracted on their own) the factors keep their shapes. With ``prefixed`` keys
     start with the component name (``unet.``, ``text_encoder.``), as pipeline-level files do.
     """
     tensors: dict[str, torch.Tensor] = {}
@@ -51,7 +52,9 @@ def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]], co
             up, down = delta.up, delta.down
             if delta.mid is not None:  # fold the Tucker core: down [r, in, kh, kw]
                 down = torch.einsum("mnkl,nj->mjkl", delta.mid.float(), down.flatten(1).float()).to(down.dtype)
-            if isinstance(modules[comp][path], nn.Conv2d):
+            if modules is None:
+                pass  # shapes as stored: conv factors are already 4-D
+            elif isinstance(modules[comp][path], nn.Conv2d):
                 up = up.reshape(*up.shape[:2], 1, 1) if up.dim() == 2 else up
                 down = down if down.dim() == 4 else down.reshape(*down.shape, 1, 1)
             else:
