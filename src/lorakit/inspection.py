@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .formats import ModuleKeys, ParsedKeys, parse_keys
-from .formats.build import lokr_rows_cols
-from .io import LoraSource, TensorInfo, open_source
+from .formats import ParsedKeys, parse_keys
+from .algorithms import describe
+from .io import LoraSource, open_source
 from .loading import peft_alphas
 
 #: Key of :attr:`FileReport.components` display/JSON form for modules with no component prefix (the model itself).
@@ -118,27 +118,6 @@ def _namespace_label(namespace: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ per module
-def _rank(entry: ModuleKeys, infos: Mapping[str, TensorInfo]) -> int | str:
-    """The rank alpha is divided by, as the engine computes it (adapter.py), from shapes alone."""
-    if entry.algorithm == "lora":
-        return int(infos[entry.fields["down"]].shape[0])
-    for factor in ("w2_b", "w1_b"):  # LyCORIS: w2's rank first (LokrWeights.rank)
-        if factor in entry.fields:
-            return int(infos[entry.fields[factor]].shape[0])
-    return FULL_RANK
-
-
-def _weight_shape(entry: ModuleKeys, infos: Mapping[str, TensorInfo]) -> tuple[int, int]:
-    """(out, in*kernel) of the targeted weight, inferred from the factor shapes."""
-    shapes = {k: v.shape for k, v in infos.items()}
-    if entry.algorithm == "lokr":
-        return lokr_rows_cols(entry, shapes)
-    up, down = shapes[entry.fields["up"]], shapes[entry.fields["down"]]
-    if "mid" in entry.fields:  # Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]
-        return int(up[0]), int(math.prod(down[1:]) * math.prod(shapes[entry.fields["mid"]][2:]))
-    return int(up[0]), int(math.prod(down[1:]))
-
-
 def _read_alphas(source: LoraSource, keys: list[str]) -> dict[str, float]:
     """The scalar ``.alpha`` tensors (only these tensors are read)."""
     if not keys:
@@ -163,10 +142,12 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> list[float]:
 
 def _module_rows(parsed: ParsedKeys, source: LoraSource) -> list[ModuleReport]:
     alpha_of = _read_alphas(source, [m.fields["alpha"] for m in parsed.modules if "alpha" in m.fields])
-    return [ModuleReport(key=m.display, component=m.namespace, algorithm=m.algorithm,
-                         rank=_rank(m, source.infos), alpha=alpha_of.get(m.fields.get("alpha", "")),
-                         shape=_weight_shape(m, source.infos))
-            for m in parsed.modules]
+    rows = []
+    for m in parsed.modules:
+        name, rank, shape = describe({f: source.infos[k].shape for f, k in m.fields.items()})
+        rows.append(ModuleReport(key=m.display, component=m.namespace, algorithm=name, rank=rank,
+                                 alpha=alpha_of.get(m.fields.get("alpha", "")), shape=shape))
+    return rows
 
 
 def _alphas(rows: list[ModuleReport], metadata: Mapping[str, str]) -> tuple[list[float], str]:
