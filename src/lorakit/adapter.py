@@ -145,7 +145,9 @@ class LokrWeights(WeightDelta):
         w2 = self.factor2(dtype)
         # kron of the 2-D forms reshaped to the weight equals the 4-D kron for convs (and also reads the 2023
         # LyCORIS layout that folds the kernel into both factors).
-        return torch.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)).reshape(shape)
+        # (contiguous: torch.kron views its inputs, and the Tucker einsum's result is strided)
+        return torch.kron(w1.reshape(w1.shape[0], -1).contiguous(),
+                          w2.reshape(w2.shape[0], -1).contiguous()).reshape(shape)
 
 
 @dataclass

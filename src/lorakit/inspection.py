@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -20,8 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .formats import ParsedKeys, parse_keys
 from .algorithms import describe
+from .formats import ParsedKeys, parse_keys
 from .io import LoraSource, open_source
 from .loading import peft_alphas
 
@@ -73,6 +74,8 @@ class FileReport:
     algorithms: dict[str, int]
     family: str
     family_source: str
+    trainer: str
+    trainer_source: str
     ranks: dict[int | str, int]
     alphas: list[float]
     alpha_note: str
@@ -216,6 +219,41 @@ def guess_family(metadata: Mapping[str, str], parsed: ParsedKeys, rows: list[Mod
     return "unknown", "no metadata or telling keys"
 
 
+# ------------------------------------------------------------------------------------------------ trainer
+# ss_network_module values (kohya sd-scripts' --network_module) -> the network code that trained the file.
+_NETWORK_MODULES = {"networks.lora": "kohya sd-scripts", "networks.oft": "kohya sd-scripts (OFT)",
+                    "networks.dylora": "kohya sd-scripts (DyLoRA)", "lycoris.kohya": "LyCORIS (kohya sd-scripts)"}
+
+
+def guess_trainer(metadata: Mapping[str, str], fmt: str) -> tuple[str, str]:
+    """(trainer, how it was found): lorakit's own record, kohya ``ss_*`` keys (with LyCORIS' ``algo`` from
+    ``ss_network_args``), diffusers' ``lora_adapter_metadata``; else a guess from the key format.
+
+    Example:
+        >>> guess_trainer({"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'}, "lycoris")
+        ('LyCORIS (kohya sd-scripts), algo loha', 'ss_network_module')
+    """
+    if "lorakit" in metadata:
+        return "lorakit", "lorakit metadata"
+    module = metadata.get("ss_network_module")
+    if module:
+        name = _NETWORK_MODULES.get(module, f"kohya sd-scripts ({module})")
+        try:
+            algo = json.loads(metadata.get("ss_network_args") or "{}").get("algo")
+        except (ValueError, AttributeError):
+            algo = None
+        return name + (f", algo {algo}" if algo else ""), "ss_network_module"
+    if any(k.startswith("ss_") for k in metadata):
+        return "kohya sd-scripts", "ss_* metadata"
+    if "lora_adapter_metadata" in metadata:
+        return "diffusers / PEFT", "lora_adapter_metadata"
+    by_format = {"lycoris": "LyCORIS", "kohya": "kohya-style", "peft": "PEFT", "diffusers": "diffusers",
+                 "diffusers_legacy": "diffusers (attention processors)"}
+    if fmt in by_format:
+        return by_format[fmt], "key names (no trainer metadata)"
+    return "unknown", "no metadata or telling keys"
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
                  allow_pickle: bool = False) -> FileReport:
@@ -232,6 +270,7 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
     rows = _module_rows(parsed, source)
     alphas, note = _alphas(rows, source.metadata)
     family, family_source = guess_family(source.metadata, parsed, rows, keys)
+    trainer, trainer_source = guess_trainer(source.metadata, parsed.format)
     return FileReport(
         path=str(source.path or source.name),
         # pickle sources report their tensor bytes as size_bytes; the file's own size is what a user expects
@@ -240,6 +279,8 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
         algorithms=dict(Counter(r.algorithm for r in rows).most_common()),
         family=family,
         family_source=family_source,
+        trainer=trainer,
+        trainer_source=trainer_source,
         ranks=_sorted_ranks(rows),
         alphas=alphas,
         alpha_note=note,
@@ -258,4 +299,5 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["FileReport", "ModuleReport", "inspect_file", "guess_family", "MODEL_NAMESPACE", "NO_ALPHA"]
+__all__ = ["FileReport", "ModuleReport", "inspect_file", "guess_family", "guess_trainer", "MODEL_NAMESPACE",
+           "NO_ALPHA"]

@@ -14,10 +14,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from . import dora, full, glora, ia3, loha, lokr, lora, oft

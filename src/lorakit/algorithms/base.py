@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 
@@ -52,7 +52,7 @@ def weight_dims(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
 
 def flat_in(module: nn.Module) -> int:
     """in * kh * kw of a Linear/Conv2d weight: the width of its 2-D view."""
-    out, inp, kernel = weight_dims(module)
+    _, inp, kernel = weight_dims(module)
     return inp * math.prod(kernel)
 
 

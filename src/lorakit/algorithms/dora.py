@@ -16,8 +16,9 @@ channel, no eps. lorakit matches diffusers+PEFT for these files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import Shape, numel, weight_dims
@@ -92,7 +93,7 @@ class DoraWeights(WeightDelta):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"magnitude": self.magnitude, **{f"inner.{k}": v for k, v in self.inner.tensors().items()}}
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DoraWeights":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DoraWeights:
         self.inner.to(device, dtype)
         self.magnitude = self.magnitude.to(device=device, dtype=dtype)
         return self

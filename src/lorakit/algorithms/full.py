@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import NORM_TYPES, Algorithm, Shape, numel

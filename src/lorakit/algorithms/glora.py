@@ -9,11 +9,11 @@ adapters), as in ComfyUI's patch chain. ComfyUI's "old GLoRA" layout (``b2 @ b1 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import Algorithm, Shape, layer_problem, weight_dims

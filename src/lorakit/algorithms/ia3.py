@@ -4,11 +4,11 @@ axis when the file's ``on_input`` is set (LyCORIS ``IA3Module.make_weight``; at 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import Algorithm, Shape, layer_problem, numel, weight_dims

@@ -10,11 +10,11 @@ pass, which applies it once.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import Algorithm, Shape, layer_problem, weight_dims
@@ -71,8 +71,7 @@ def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
             ok = a[0] == out and len(a) == 2 and b[0] == a[1] and math.prod(b[1:]) == inp * math.prod(kernel)
             want = f"w_a [{out}, r], w_b [r, {inp * math.prod(kernel)}]"
         if not ok:
-            found = {k: list(v) for k, v in shapes.items() if k.endswith(side) or k.endswith(side + "_a")
-                     or k.endswith(side + "_b")}
+            found = {k: list(v) for k, v in shapes.items() if k.endswith((side, side + "_a", side + "_b"))}
             return f"LoHa factors {found} do not fit weight {list(module.weight.shape)}: expected {want}"
     if shapes["hada_w2_b"][0] != r and "hada_t1" not in shapes:
         return f"LoHa ranks differ: hada_w1_b has {r}, hada_w2_b has {shapes['hada_w2_b'][0]}"

@@ -9,9 +9,9 @@ also reads the 2023 files that fold the kernel into both factors.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import LokrWeights
 from .base import Algorithm, Shape, flat_in, layer_problem

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import LoraWeights
 from .base import Algorithm, Shape, layer_problem, weight_dims

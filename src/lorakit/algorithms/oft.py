@@ -17,11 +17,11 @@ Definitions follow LyCORIS (``diag_oft.py``, ``boft.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..adapter import WeightDelta
 from .base import Algorithm, Shape, layer_problem, numel
