@@ -16,6 +16,7 @@ import torch
 import lorakit
 from helpers import assert_close, family, outputs, write
 from lorakit import batched
+from lorakit.cli import main
 from lorakit.inspection import inspect_file
 from lorakit.testing.lycoris import ALGORITHMS, make_lycoris
 
@@ -206,6 +207,32 @@ def test_algorithm_fuses_to_the_independent_result(pipe, algo, scale, tmp_path):
         _restore(pipe)
 
 
+@pytest.mark.parametrize("algo,spelling", [("loha", "unet"), ("lokr", "unet"), ("dora", "unet"), ("glora", "unet"),
+                                            ("full", "unet"), ("norm", "unet"), ("boft", "unet"), ("oft", "oft_unet_")])
+def test_diffusers_names_and_kohya_oft_prefix(algo, spelling, tmp_path):
+    """LyCORIS keys on dotted diffusers paths (``unet.<path>.hada_w1_a``), and kohya OFT's ``oft_unet_`` prefix."""
+    fam = family("sd15")
+    p = fam.build()
+    lorakit.attach(p)
+    base = {k: v.clone() for k, v in p.unet.state_dict().items()}
+    dotted = spelling if spelling == "unet" else None
+    sd = make_lycoris(p.unet, algo, seed=4, dotted=dotted, prefix="oft_unet_")
+    kohya = make_lycoris(p.unet, algo, seed=4)  # the same tensors under kohya names: the reference's grouping
+    p.load_lora_weights(write(sd, tmp_path / "f.safetensors"), adapter_name="x")
+    p.fuse_lora(adapter_names=["x"])
+    p.unload_lora_weights()
+    assert all(torch.equal(u, v) for u, v in zip(sd.values(), kohya.values(), strict=True))
+    assert len(sd) == len(kohya) and not any(k.startswith("lora_unet_") for k in sd)
+    for module_key, t in _groups(kohya).items():
+        path = _modules(p)[module_key]
+        b0 = base.get(f"{path}.bias")
+        want_w, want_b = _expected(t, base[f"{path}.weight"].double(), None if b0 is None else b0.double(), 1.0)
+        got = p.unet.get_submodule(path)
+        assert torch.allclose(got.weight.double(), want_w, rtol=0, atol=1e-4 * want_w.abs().max().item()), path
+        if want_b is not None:
+            assert torch.allclose(got.bias.double(), want_b, rtol=0, atol=1e-5), path
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_unload_restores_bit_exactly(algo, dtype, monkeypatch):
@@ -286,7 +313,7 @@ def test_peft_dora_matches_diffusers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ inspect
-def test_inspect_names_algorithms_trainer_and_unused_keys(tmp_path):
+def test_inspect_names_algorithms_trainer_and_unused_keys(tmp_path, capsys):
     fam = family("sd15")
     p = fam.build()
     sd = {}
@@ -295,7 +322,8 @@ def test_inspect_names_algorithms_trainer_and_unused_keys(tmp_path):
     sd["lora_unet_something.hada_w9"] = torch.zeros(1)
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"}),
             "ss_base_model_version": "sd_v1"}
-    report = inspect_file(write(sd, tmp_path / "mix.safetensors", metadata=meta))
+    path = write(sd, tmp_path / "mix.safetensors", metadata=meta)
+    report = inspect_file(path)
     assert set(report.algorithms) == {"loha", "oft", "boft", "ia3"}
     assert report.algorithms["boft"] == sum(1 for k in sd if k.startswith("lora_unet_boft_") and
                                            k.endswith(".oft_blocks"))
@@ -303,3 +331,6 @@ def test_inspect_names_algorithms_trainer_and_unused_keys(tmp_path):
     assert report.family == "sd1"
     assert report.unused == ["lora_unet_something.hada_w9"]
     assert report.format == "lycoris"
+    assert main(["inspect", path]) == 0
+    table = capsys.readouterr().out
+    assert "LyCORIS (kohya sd-scripts), algo loha" in table and "boft" in table and "hada_w9" in table

@@ -110,16 +110,17 @@ def _tensors(algo: str, layout: int, w: torch.Tensor, has_bias: bool, rank: int,
 
 
 def make_lycoris(model: nn.Module, algo: str, *, seed: int = 0, rank: int = 4, std: float = 0.2,
-                 prefix: str = "lora_unet_", ldm: bool = False,
+                 prefix: str = "lora_unet_", ldm: bool = False, dotted: str | None = None,
                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A seeded LyCORIS state dict of ``algo`` (one of :data:`ALGORITHMS`) for ``model``, with kohya names
-    (``prefix`` + module path with underscores; LDM block names for a UNet with ``ldm=True``)."""
+    (``prefix`` + module path with underscores; LDM block names for a UNet with ``ldm=True``), or diffusers names
+    ``{dotted}.{module path}`` when ``dotted`` names the component (``"unet"``)."""
     g = torch.Generator().manual_seed(seed)
     names = unet_ldm_names(model) if ldm and is_unet(model) else {}
     sd: dict[str, torch.Tensor] = {}
     seen: dict[tuple, int] = {}  # layouts cycle per kind of layer, so every kind meets every layout
     for path, module in targets(model, algo).items():
-        key = prefix + names.get(path, path).replace(".", "_")
+        key = f"{dotted}.{path}" if dotted else prefix + names.get(path, path).replace(".", "_")
         kind = (type(module), tuple(module.weight.shape[2:]))
         i = seen[kind] = seen.get(kind, -1) + 1
         t = _tensors(algo, i % LAYOUTS[algo], module.weight.detach(), module.bias is not None, rank, g, std)
