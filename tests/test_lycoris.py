@@ -233,6 +233,48 @@ def test_diffusers_names_and_kohya_oft_prefix(algo, spelling, tmp_path):
             assert torch.allclose(got.bias.double(), want_b, rtol=0, atol=1e-5), path
 
 
+@pytest.mark.parametrize("suffixes,message", [
+    ({"hada_w1_a": (64, 4), "hada_w1_b": (4, 64), "hada_w2_a": (64, 4), "hada_w2_b": (4, 32)}, "LoHa factors"),
+    ({"oft_blocks": (3, 8, 8)}, "cover 24 channels"),
+    ({"lora_down.weight": (4, 64), "lora_up.weight": (64, 4), "dora_scale": (32, 1)}, "dora_scale has shape"),
+    ({"diff_b": (64,)}, "no bias"),
+    ({"w_norm": (64,)}, "norm"),
+])
+def test_bad_shapes_are_refused_before_anything_changes(suffixes, message):
+    fam = family("sdxl")
+    p = fam.build()
+    lorakit.attach(p)
+    before = {k: v.clone() for k, v in p.unet.state_dict().items()}
+    path = next(n for n, m in p.unet.named_modules() if n.endswith("attn1.to_q") and m.weight.shape == (64, 64))
+    key = "lora_unet_" + path.replace(".", "_")
+    sd = {f"{key}.{s}": torch.ones(shape) for s, shape in suffixes.items()}
+    with pytest.raises(lorakit.LoraShapeError, match=message):
+        p.load_lora_weights(sd, adapter_name="bad")
+    assert all(torch.equal(v, before[k]) for k, v in p.unet.state_dict().items())
+    assert p.get_list_adapters() == {}
+
+
+def test_lokr_2023_conv_layout_folds_the_kernel_into_both_factors(tmp_path):
+    """Old LyCORIS LoKr conv files (formats.md #8): 2-D w1 [a, c*x] and w2 [b, d*y] with x*y = kh*kw; the
+    [a*b, in*kh*kw] Kronecker product is the weight's 2-D view."""
+    fam = family("sd15")
+    p = fam.build()
+    lorakit.attach(p)
+    conv = next(n for n, m in p.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                and m.out_channels == 64 and m.in_channels == 32)
+    module = p.unet.get_submodule(conv)
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(4, 6, generator=g), torch.randn(16, 48, generator=g) * 0.1  # 4*16 = 64, 6*48 = 32*9
+    key = "lora_unet_" + conv.replace(".", "_")
+    before = module.weight.detach().double().clone()
+    p.load_lora_weights({f"{key}.lokr_w1": w1, f"{key}.lokr_w2": w2, f"{key}.alpha": torch.tensor(7.0)},
+                        adapter_name="old")
+    p.fuse_lora()
+    p.unload_lora_weights()
+    want = torch.kron(w1.double(), w2.double()).reshape(64, 32, 3, 3)  # both full: alpha ignored
+    assert torch.allclose(module.weight.double() - before, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_unload_restores_bit_exactly(algo, dtype, monkeypatch):
