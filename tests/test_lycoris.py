@@ -171,9 +171,10 @@ def _modules(p) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.6])
-@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("algo,scale", [(a, 1.0) for a in ALGORITHMS] + [(a, 0.6) for a in ALGORITHMS])
 def test_algorithm_fuses_to_the_independent_result(pipe, algo, scale, tmp_path):
+    if pipe._fam == "sdxl" and scale != 1.0:
+        pytest.skip("the multiplier's effect is checked on SD1.5; SDXL adds LDM names and other widths")
     sd = make_lycoris(pipe.unet, algo, seed=3, ldm=pipe._fam == "sdxl")
     groups = _groups(sd)
     path = write(sd, tmp_path / f"{algo}.safetensors")
@@ -207,8 +208,7 @@ def test_algorithm_fuses_to_the_independent_result(pipe, algo, scale, tmp_path):
         _restore(pipe)
 
 
-@pytest.mark.parametrize("algo,spelling", [("loha", "unet"), ("lokr", "unet"), ("dora", "unet"), ("glora", "unet"),
-                                            ("full", "unet"), ("norm", "unet"), ("boft", "unet"), ("oft", "oft_unet_")])
+@pytest.mark.parametrize("algo,spelling", [("loha", "unet"), ("dora", "unet"), ("norm", "unet"), ("oft", "oft_unet_")])
 def test_diffusers_names_and_kohya_oft_prefix(algo, spelling, tmp_path):
     """LyCORIS keys on dotted diffusers paths (``unet.<path>.hada_w1_a``), and kohya OFT's ``oft_unet_`` prefix."""
     fam = family("sd15")
@@ -275,29 +275,32 @@ def test_lokr_2023_conv_layout_folds_the_kernel_into_both_factors(tmp_path):
     assert torch.allclose(module.weight.double() - before, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_unload_restores_bit_exactly(algo, dtype, monkeypatch):
-    """With a plain LoRA beside it, weights/scales changed, fused and unfused, in both modes (and the batched
-    merge path enabled on the CPU): unload gives back every parameter bit-exactly."""
+@pytest.mark.parametrize("dtype,mode", [(torch.float16, "merge"), (torch.bfloat16, "branch")], ids=str)
+def test_unload_restores_bit_exactly(dtype, mode, monkeypatch):
+    """Every algorithm loaded at once (so they mix on shared layers), weights changed, some fused, the mode
+    switched, unfused, one deleted, the rest unloaded, with the batched merge path enabled on the CPU: every
+    parameter comes back bit-exactly, and state_dict shows the base while adapters are live."""
     monkeypatch.setattr(batched, "DEVICES", ("cpu", "cuda"))
     fam = family("sd15")
     p = fam.build(dtype)
     before = {k: v.clone() for k, v in p.unet.named_parameters()}
-    mode = "branch" if ALGORITHMS.index(algo) % 2 else "merge"
     lorakit.attach(p, mode=mode)
-    p.load_lora_weights(make_lycoris(p.unet, algo, seed=5, dtype=dtype), adapter_name="x")
-    p.load_lora_weights(make_lycoris(p.unet, "lokr", seed=6, dtype=dtype), adapter_name="y")
-    p.set_adapters(["x", "y"], [0.7, 1.2])
+    for i, algo in enumerate(ALGORITHMS):
+        p.load_lora_weights(make_lycoris(p.unet, algo, seed=5 + i, dtype=dtype), adapter_name=algo)
+    p.set_adapters(list(ALGORITHMS), [0.3 + 0.1 * i for i in range(len(ALGORITHMS))])
     shown = p.unet.state_dict()
     assert all(torch.equal(shown[k], v) for k, v in before.items()), "state_dict must show the base"
-    p.fuse_lora(adapter_names=["x"], lora_scale=0.5)
+    p.fuse_lora(adapter_names=["dora", "full", "oft"], lora_scale=0.5)
     p._lorakit_manager.set_mode("merge" if mode == "branch" else "branch")
-    p.set_adapters(["y"], 0.3)
+    p.set_adapters(["loha", "norm", "ia3"], 0.7)
+    p.disable_lora()
+    assert all(torch.equal(v, before[k]) for k, v in p.unet.named_parameters()), "disabled: the base"
+    p.enable_lora()
     p.unfuse_lora()
+    p.delete_adapters("norm")
     p.unload_lora_weights()
     for k, v in p.unet.named_parameters():
-        assert torch.equal(v, before[k]), f"{algo}: {k} not restored"
+        assert torch.equal(v, before[k]), f"{k} not restored"
 
 
 def test_merge_and_branch_modes_agree_when_algorithms_mix(tmp_path):
