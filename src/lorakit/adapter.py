@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,9 @@ class WeightDelta(ABC):
     """
 
     alpha: float | None
+    #: False for algorithms whose result depends on the weight they change (DoRA, OFT, IA3, GLoRA): the engine
+    #: calls :meth:`apply` on the weight after every additive delta is in, instead of adding :meth:`delta`.
+    additive: ClassVar[bool] = True
 
     @property
     @abstractmethod
@@ -46,6 +50,14 @@ class WeightDelta(ABC):
     def delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full weight delta ``scale * ...`` shaped like the target weight."""
         return self.unscaled_delta(shape, dtype) * self.scale
+
+    def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """Non-additive algorithms: the new weight from ``weight`` (fp32, the layer's shape) at ``multiplier``."""
+        raise TypeError(f"{type(self).__name__} is additive: add multiplier * unscaled_delta() instead")
+
+    def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """What the module's bias gains at multiplier 1 (``diff_b``, ``b_norm``), or None: most algorithms leave it."""
+        return None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name (for writers, moving and memory accounting)."""
@@ -133,7 +145,9 @@ class LokrWeights(WeightDelta):
         w2 = self.factor2(dtype)
         # kron of the 2-D forms reshaped to the weight equals the 4-D kron for convs (and also reads the 2023
         # LyCORIS layout that folds the kernel into both factors).
-        return torch.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)).reshape(shape)
+        # (contiguous: torch.kron views its inputs, and the Tucker einsum's result is strided)
+        return torch.kron(w1.reshape(w1.shape[0], -1).contiguous(),
+                          w2.reshape(w2.shape[0], -1).contiguous()).reshape(shape)
 
 
 @dataclass

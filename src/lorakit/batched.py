@@ -72,8 +72,8 @@ def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
     adapters only."""
     w = layer.weight
     return (w.device.type in DEVICES and w.is_contiguous() and bool(contributions)
-            and (layer.base is None or layer.base.device == w.device)
-            and all(d.low_rank() is not None for d, _ in contributions))
+            and (layer.base is None or layer.base.device == w.device) and layer.base_bias is None
+            and all(d.additive and d.low_rank() is not None for d, _ in contributions))
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
@@ -97,7 +97,8 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
         signature = _signature(contributions)
         if signature == layer.applied:
             continue
-        if not contributions and layer.base is not None and layer.base.device == layer.weight.device:
+        if (not contributions and layer.base is not None and layer.base.device == layer.weight.device
+                and layer.base_bias is None):
             restores.append(layer)  # exact copies back, many tensors per kernel
             continue
         if not eligible(layer, contributions):

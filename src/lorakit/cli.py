@@ -144,6 +144,7 @@ def report_table(report) -> Table:
         ("format", report.format),
         ("algorithm", _counts(report.algorithms)),
         ("family", note(report.family, report.family_source)),
+        ("trainer", note(report.trainer, report.trainer_source)),
         ("modules", str(report.num_modules)),
         ("ranks", _counts(report.ranks)),
         ("alpha", note(report.alpha_text(), report.alpha_note) if report.alphas else report.alpha_text()),

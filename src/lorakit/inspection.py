@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -20,9 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .formats import ModuleKeys, ParsedKeys, parse_keys
-from .formats.build import lokr_rows_cols
-from .io import LoraSource, TensorInfo, open_source
+from .algorithms import describe
+from .formats import ParsedKeys, parse_keys
+from .io import LoraSource, open_source
 from .loading import peft_alphas
 
 #: Key of :attr:`FileReport.components` display/JSON form for modules with no component prefix (the model itself).
@@ -73,6 +74,8 @@ class FileReport:
     algorithms: dict[str, int]
     family: str
     family_source: str
+    trainer: str
+    trainer_source: str
     ranks: dict[int | str, int]
     alphas: list[float]
     alpha_note: str
@@ -118,27 +121,6 @@ def _namespace_label(namespace: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ per module
-def _rank(entry: ModuleKeys, infos: Mapping[str, TensorInfo]) -> int | str:
-    """The rank alpha is divided by, as the engine computes it (adapter.py), from shapes alone."""
-    if entry.algorithm == "lora":
-        return int(infos[entry.fields["down"]].shape[0])
-    for factor in ("w2_b", "w1_b"):  # LyCORIS: w2's rank first (LokrWeights.rank)
-        if factor in entry.fields:
-            return int(infos[entry.fields[factor]].shape[0])
-    return FULL_RANK
-
-
-def _weight_shape(entry: ModuleKeys, infos: Mapping[str, TensorInfo]) -> tuple[int, int]:
-    """(out, in*kernel) of the targeted weight, inferred from the factor shapes."""
-    shapes = {k: v.shape for k, v in infos.items()}
-    if entry.algorithm == "lokr":
-        return lokr_rows_cols(entry, shapes)
-    up, down = shapes[entry.fields["up"]], shapes[entry.fields["down"]]
-    if "mid" in entry.fields:  # Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]
-        return int(up[0]), int(math.prod(down[1:]) * math.prod(shapes[entry.fields["mid"]][2:]))
-    return int(up[0]), int(math.prod(down[1:]))
-
-
 def _read_alphas(source: LoraSource, keys: list[str]) -> dict[str, float]:
     """The scalar ``.alpha`` tensors (only these tensors are read)."""
     if not keys:
@@ -163,10 +145,12 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> list[float]:
 
 def _module_rows(parsed: ParsedKeys, source: LoraSource) -> list[ModuleReport]:
     alpha_of = _read_alphas(source, [m.fields["alpha"] for m in parsed.modules if "alpha" in m.fields])
-    return [ModuleReport(key=m.display, component=m.namespace, algorithm=m.algorithm,
-                         rank=_rank(m, source.infos), alpha=alpha_of.get(m.fields.get("alpha", "")),
-                         shape=_weight_shape(m, source.infos))
-            for m in parsed.modules]
+    rows = []
+    for m in parsed.modules:
+        name, rank, shape = describe({f: source.infos[k].shape for f, k in m.fields.items()})
+        rows.append(ModuleReport(key=m.display, component=m.namespace, algorithm=name, rank=rank,
+                                 alpha=alpha_of.get(m.fields.get("alpha", "")), shape=shape))
+    return rows
 
 
 def _alphas(rows: list[ModuleReport], metadata: Mapping[str, str]) -> tuple[list[float], str]:
@@ -235,6 +219,41 @@ def guess_family(metadata: Mapping[str, str], parsed: ParsedKeys, rows: list[Mod
     return "unknown", "no metadata or telling keys"
 
 
+# ------------------------------------------------------------------------------------------------ trainer
+# ss_network_module values (kohya sd-scripts' --network_module) -> the network code that trained the file.
+_NETWORK_MODULES = {"networks.lora": "kohya sd-scripts", "networks.oft": "kohya sd-scripts (OFT)",
+                    "networks.dylora": "kohya sd-scripts (DyLoRA)", "lycoris.kohya": "LyCORIS (kohya sd-scripts)"}
+
+
+def guess_trainer(metadata: Mapping[str, str], fmt: str) -> tuple[str, str]:
+    """(trainer, how it was found): lorakit's own record, kohya ``ss_*`` keys (with LyCORIS' ``algo`` from
+    ``ss_network_args``), diffusers' ``lora_adapter_metadata``; else a guess from the key format.
+
+    Example:
+        >>> guess_trainer({"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'}, "lycoris")
+        ('LyCORIS (kohya sd-scripts), algo loha', 'ss_network_module')
+    """
+    if "lorakit" in metadata:
+        return "lorakit", "lorakit metadata"
+    module = metadata.get("ss_network_module")
+    if module:
+        name = _NETWORK_MODULES.get(module, f"kohya sd-scripts ({module})")
+        try:
+            algo = json.loads(metadata.get("ss_network_args") or "{}").get("algo")
+        except (ValueError, AttributeError):
+            algo = None
+        return name + (f", algo {algo}" if algo else ""), "ss_network_module"
+    if any(k.startswith("ss_") for k in metadata):
+        return "kohya sd-scripts", "ss_* metadata"
+    if "lora_adapter_metadata" in metadata:
+        return "diffusers / PEFT", "lora_adapter_metadata"
+    by_format = {"lycoris": "LyCORIS", "kohya": "kohya-style", "peft": "PEFT", "diffusers": "diffusers",
+                 "diffusers_legacy": "diffusers (attention processors)"}
+    if fmt in by_format:
+        return by_format[fmt], "key names (no trainer metadata)"
+    return "unknown", "no metadata or telling keys"
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
                  allow_pickle: bool = False) -> FileReport:
@@ -251,6 +270,7 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
     rows = _module_rows(parsed, source)
     alphas, note = _alphas(rows, source.metadata)
     family, family_source = guess_family(source.metadata, parsed, rows, keys)
+    trainer, trainer_source = guess_trainer(source.metadata, parsed.format)
     return FileReport(
         path=str(source.path or source.name),
         # pickle sources report their tensor bytes as size_bytes; the file's own size is what a user expects
@@ -259,6 +279,8 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
         algorithms=dict(Counter(r.algorithm for r in rows).most_common()),
         family=family,
         family_source=family_source,
+        trainer=trainer,
+        trainer_source=trainer_source,
         ranks=_sorted_ranks(rows),
         alphas=alphas,
         alpha_note=note,
@@ -277,4 +299,5 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["FileReport", "ModuleReport", "inspect_file", "guess_family", "MODEL_NAMESPACE", "NO_ALPHA"]
+__all__ = ["FileReport", "ModuleReport", "inspect_file", "guess_family", "guess_trainer", "MODEL_NAMESPACE",
+           "NO_ALPHA"]

@@ -39,6 +39,7 @@ class LayerState:
     module: nn.Module
     deltas: dict[str, WeightDelta] = field(default_factory=dict)
     base: torch.Tensor | None = None
+    base_bias: torch.Tensor | None = None  # exact copy of the bias, only once a bias delta touched it
     backup_device: torch.device | None = None
     applied: tuple = ()
     branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
@@ -56,14 +57,17 @@ class LayerState:
         return w.dtype if w.device.type == "cuda" else torch.float32
 
     @staticmethod
-    def _accumulate(acc: torch.Tensor, contributions: list[Contribution], base: torch.Tensor | None = None) -> None:
+    def _accumulate(acc: torch.Tensor, contributions: list[Contribution], base: torch.Tensor | None = None,
+                    shape: tuple[int, ...] | None = None) -> None:
         """``acc = (base if given else acc) + sum(c * delta)``; ``acc`` is the 2-D [out, in*kh*kw] view of a weight.
 
         All low-rank adapters go through ONE ``addmm`` that reads ``base`` and writes ``acc`` (one pass over the
         weight whatever the adapter count): their factors are concatenated along the rank, each ``up`` scaled by its
-        multiplier in fp32 first. A single adapter passes its multiplier as ``alpha`` instead."""
-        low = [(d.low_rank(), m) for d, m in contributions if d.low_rank() is not None]
-        full = [(d, m) for d, m in contributions if d.low_rank() is None]
+        multiplier in fp32 first. A single adapter passes its multiplier as ``alpha`` instead. Non-additive
+        algorithms (DoRA, OFT, IA3, GLoRA) then transform the result in order, in fp32, on the weight's ``shape``."""
+        additive = [(d, m) for d, m in contributions if d.additive]
+        low = [(d.low_rank(), m) for d, m in additive if d.low_rank() is not None]
+        full = [(d, m) for d, m in additive if d.low_rank() is None]
         src = acc if base is None else base
         if len(low) == 1:
             (up, down), mult = low[0]
@@ -76,14 +80,39 @@ class LayerState:
             acc.copy_(base)
         for delta, mult in full:
             acc.add_(delta.unscaled_delta(tuple(acc.shape), acc.dtype).to(acc.device), alpha=mult)
+        for delta, mult in contributions:
+            if not delta.additive:
+                new = delta.apply(acc.float().reshape(shape or acc.shape), mult)
+                acc.copy_(new.reshape(acc.shape))
 
     def compute(self, contributions: list[Contribution]) -> torch.Tensor:
         """The weight ``base + sum(c * delta)`` for these contributions, rounded once to the weight's dtype."""
         w = self.weight
         base = self.base if self.base is not None else w.detach()
         acc = base.to(device=w.device, dtype=self._compute_dtype(), copy=True).reshape(w.shape[0], -1)
-        self._accumulate(acc, contributions)
+        self._accumulate(acc, contributions, shape=tuple(w.shape))
         return acc.reshape(w.shape).to(w.dtype)
+
+    def compute_bias(self, contributions: list[Contribution]) -> torch.Tensor | None:
+        """The bias ``base + sum(c * bias_delta)`` (fp32, rounded once), or None when no contribution changes it."""
+        parts = [(d.bias_delta(), m) for d, m in contributions if d.bias_delta() is not None]
+        if not parts:
+            return None
+        b = self.module.bias
+        acc = (self.base_bias if self.base_bias is not None else b.detach()).to(b.device, torch.float32, copy=True)
+        for delta, mult in parts:
+            acc.add_(delta.to(acc.device, torch.float32).reshape(acc.shape), alpha=mult)
+        return acc.to(b.dtype)
+
+    def _write_bias(self, contributions: list[Contribution]) -> None:
+        """Bias deltas (``diff_b``, ``b_norm``): the bias gets its own exact backup, taken before its first change."""
+        new = self.compute_bias(contributions)
+        if new is None and self.base_bias is None:
+            return
+        b = self.module.bias.detach()
+        if self.base_bias is None:
+            self.base_bias = b.to(self.backup_device or b.device, copy=True)
+        b.copy_(self.base_bias if new is None else new)  # no bias delta left: exact restore
 
     @torch.no_grad()
     def write(self, contributions: list[Contribution]) -> None:
@@ -98,9 +127,10 @@ class LayerState:
             if self.base is not None:
                 w.copy_(self.base)  # exact restore
         elif w.dtype == self._compute_dtype() and w.is_contiguous() and self.base.device == w.device:
-            self._accumulate(w.view(w.shape[0], -1), contributions, self.base.view(w.shape[0], -1))
+            self._accumulate(w.view(w.shape[0], -1), contributions, self.base.view(w.shape[0], -1), tuple(w.shape))
         else:
             w.copy_(self.compute(contributions))
+        self._write_bias(contributions)
         self.applied = signature
 
     # ------------------------------------------------------------------------------------------ branch
@@ -155,6 +185,6 @@ class LayerState:
     def drop(self) -> None:
         """Forget the branch, the backup and the adapters, leaving the weight as it is now."""
         self.set_branch([])
-        self.base = None
+        self.base = self.base_bias = None
         self.applied = ()
         self.deltas.clear()

@@ -102,10 +102,10 @@ class ComponentState:
         for path, layer in self.layers.items():
             live = self._live(rules, path, layer)
             merged = [f.contributions[path] for f in fused if path in f.contributions]
-            if branch_mode:
+            if branch_mode and all(d.additive for d, _ in merged + live):
                 branch = [c for c in live if c[0].low_rank() is not None]
                 merged += [c for c in live if c[0].low_rank() is None]  # full-rank deltas have no cheap branch
-            else:
+            else:  # merge mode, or a non-additive algorithm here: it transforms the sum of everything else
                 merged, branch = merged + live, []
             writes.append((layer, merged))
             if branch or layer._hook is not None:
@@ -128,3 +128,6 @@ class ComponentState:
             key = f"{prefix}{path}.weight"
             if key in state_dict:
                 state_dict[key] = self.visible_weight(path, layer)
+            if layer.base_bias is not None and f"{prefix}{path}.bias" in state_dict:  # diff_b / b_norm deltas
+                bias = layer.compute_bias(self.fused_part(path))
+                state_dict[f"{prefix}{path}.bias"] = bias if bias is not None else layer.base_bias.to(layer.weight.device)

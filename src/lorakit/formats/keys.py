@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..algorithms import INCOMPLETE, name_of
+
 # (suffix, field, format). Longest suffixes first: ".lora_A.default.weight" before ".lora_A.weight".
 SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lora_A.default.weight", "down", "peft"),
@@ -31,8 +33,33 @@ SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lokr_w1", "w1", "lycoris"),
     (".lokr_w2", "w2", "lycoris"),
     (".lokr_t2", "t2", "lycoris"),
+    (".hada_w1_a", "hada_w1_a", "lycoris"),
+    (".hada_w1_b", "hada_w1_b", "lycoris"),
+    (".hada_w2_a", "hada_w2_a", "lycoris"),
+    (".hada_w2_b", "hada_w2_b", "lycoris"),
+    (".hada_t1", "hada_t1", "lycoris"),
+    (".hada_t2", "hada_t2", "lycoris"),
+    (".a1.weight", "a1", "lycoris"),  # GLoRA
+    (".a2.weight", "a2", "lycoris"),
+    (".b1.weight", "b1", "lycoris"),
+    (".b2.weight", "b2", "lycoris"),
+    (".bm.weight", "bm", "lycoris"),
+    (".oft_blocks", "oft_blocks", "lycoris"),
+    (".oft_diag", "oft_diag", "lycoris"),
+    (".rescale", "rescale", "lycoris"),
+    (".diff_b", "diff_b", "lycoris"),
+    (".diff", "diff", "lycoris"),
+    (".w_norm", "w_norm", "lycoris"),
+    (".b_norm", "b_norm", "lycoris"),
+    (".on_input", "on_input", "lycoris"),
+    (".dora_scale", "dora_scale", ""),  # beside any algorithm: the algorithm's keys name the format
+    (".lora_magnitude_vector.default.weight", "magnitude", "peft"),
+    (".lora_magnitude_vector.weight", "magnitude", "peft"),
+    (".lora_magnitude_vector", "magnitude", "peft"),
     (".alpha", "alpha", ""),
+    (".weight", "ia3", "lycoris"),  # IA3, kohya names only (see _split_key): last, every longer suffix first
 )
+GENERIC_SUFFIXES = {".weight"}  # only after a kohya module key (no dot), where nothing else ends that way
 
 # Old diffusers attention processors: "<attn>.processor.to_q_lora.down.weight" targets "<attn>.to_q".
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|"
@@ -47,9 +74,8 @@ KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (  # longest first: lora_te1_ befo
     ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
+    ("oft_unet_", "unet"),  # kohya networks/oft.py
 )
-LOW_RANK_FIELDS = {"down", "up", "mid"}
-LOKR_FIELDS = {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}
 
 
 def _is_embedding(key: str) -> bool:
@@ -69,12 +95,8 @@ class ModuleKeys:
 
     @property
     def algorithm(self) -> str:
-        names = set(self.fields) - {"alpha"}
-        if names and names <= LOW_RANK_FIELDS and {"down", "up"} <= names:
-            return "lora"
-        if names and names <= LOKR_FIELDS:
-            return "lokr"
-        return "incomplete"
+        """``lora``, ``lokr``, ``loha+dora``, ... (the table in lorakit.algorithms), or ``incomplete``."""
+        return name_of(set(self.fields))
 
     @property
     def display(self) -> str:
@@ -117,6 +139,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
         return f"{m['attn']}.{proj}", m["field"], "diffusers_legacy"
     for suffix, fld, fmt in SUFFIXES:
         if key.endswith(suffix):
+            if suffix in GENERIC_SUFFIXES and "." in key[: -len(suffix)]:
+                continue
             return key[: -len(suffix)], fld, fmt
     return None
 
@@ -156,7 +180,7 @@ def parse_keys(keys: list[str] | tuple[str, ...]) -> ParsedKeys:
     # A module with only an alpha (or only one factor) is not loadable: report its keys as unused.
     complete = []
     for entry in modules.values():
-        if entry.algorithm == "incomplete":
+        if entry.algorithm == INCOMPLETE:
             unused.extend(entry.fields.values())
         else:
             complete.append(entry)
