@@ -77,7 +77,10 @@ def main() -> None:
         "set_adapters 1": lambda: pipe.set_adapters("a", 0.5 + 0.001 * next(w)),
         "set_adapters 2": lambda: pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8]),
         "set_adapters 4": lambda: pipe.set_adapters(list("abcd"), [0.5 + 0.001 * next(w), 0.6, 0.7, 0.8]),
+        "set 2 <-> 4": lambda: pipe.set_adapters(*((["a", "b"], [0.5, 0.8]) if next(w) % 2 else
+                                                    (list("abcd"), [0.5, 0.6, 0.7, 0.8]))),
         "disable+enable": lambda: (pipe.disable_lora(), pipe.enable_lora()),
+        "fuse+unfuse": lambda: (pipe.fuse_lora(adapter_names=["a", "b"]), pipe.unfuse_lora()),
         "load+delete": load,
     }
     for name, fn in ops.items():

@@ -34,6 +34,10 @@ DEVICES = ("cuda",)  # where batching pays off (kernel launches dominate); tests
 # 2 passes of an 18M-element bf16 weight take ~17 us on an H200, against ~50 us of host time per addmm.
 LARGE_ELEMENTS = 16 * 1024 * 1024
 
+# What a layer's ``applied`` says after a switch plan wrote it: equal to no signature, so per-layer paths (and
+# state_dict's view of the weights) recompute rather than trust it.
+PLAN_WRITTEN: tuple = ("<written by a switch plan>",)
+
 _STACKS: OrderedDict[tuple[int, ...], tuple[list[WeightDelta], torch.Tensor, torch.Tensor]] = OrderedDict()
 STACK_CACHE_SIZE = 512
 
@@ -83,9 +87,35 @@ def _compute_dtype(w: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class _Chunk:
-    members: list[tuple[LayerState, list[Contribution], tuple]]
+    members: list[tuple[LayerState, list[Contribution], tuple | None]]  # signature None: written by a switch plan
     large: bool
     offset: int = 0  # of its multipliers in the switch's one host->device transfer
+
+
+def can_restore(layer: LayerState) -> bool:
+    """Whether the layer's exact restore can go through one multi-tensor copy with others."""
+    return layer.base is not None and layer.base.device == layer.weight.device and layer.base_bias is None
+
+
+def restore(layers: list[LayerState]) -> None:
+    """Copy every layer's backup back into its weight (bit-exact), many tensors per kernel."""
+    torch._foreach_copy_([layer.weight.detach() for layer in layers], [layer.base for layer in layers])
+    for layer in layers:
+        layer.applied = ()
+
+
+def group_key(layer: LayerState, contributions: list[Contribution]) -> tuple:
+    """Layers merge together when they share shape, dtype, device and adapter ranks (and size class)."""
+    w = layer.weight
+    return (w.shape, w.dtype, w.device, tuple(d.rank for d, _ in contributions),
+            w.numel() >= LARGE_ELEMENTS and w.dtype == _compute_dtype(w))
+
+
+def split(key: tuple, members: list) -> list[list]:
+    """Cut a group into chunks whose stacked temporaries fit CHUNK_BYTES (large layers need none: one chunk)."""
+    shape, dtype, device, _, large = key
+    size = len(members) if large else max(1, CHUNK_BYTES // (shape.numel() * _compute_dtype_size(dtype, device)))
+    return [members[start:start + size] for start in range(0, len(members), size)]
 
 
 @torch.no_grad()
@@ -97,34 +127,21 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
         signature = _signature(contributions)
         if signature == layer.applied:
             continue
-        if (not contributions and layer.base is not None and layer.base.device == layer.weight.device
-                and layer.base_bias is None):
-            restores.append(layer)  # exact copies back, many tensors per kernel
+        if not contributions and can_restore(layer):
+            restores.append(layer)
             continue
         if not eligible(layer, contributions):
             layer.write(contributions)
             continue
-        w = layer.weight
         if layer.base is None:
-            layer.base = w.detach().clone()
-        key = (w.shape, w.dtype, w.device, tuple(d.rank for d, _ in contributions),
-               w.numel() >= LARGE_ELEMENTS and w.dtype == _compute_dtype(w))
-        groups[key].append((layer, contributions, signature))
+            layer.base = layer.weight.detach().clone()
+        groups[group_key(layer, contributions)].append((layer, contributions, signature))
     if restores:
-        torch._foreach_copy_([layer.weight.detach() for layer in restores], [layer.base for layer in restores])
-        for layer in restores:
-            layer.applied = ()
-    if groups:
-        _merge_groups(groups)
-
-
-def _merge_groups(groups: dict[tuple, list[tuple[LayerState, list[Contribution], tuple]]]) -> None:
+        restore(restores)
     chunks: dict[torch.device, list[_Chunk]] = defaultdict(list)
-    for (shape, dtype, device, _, large), members in groups.items():
-        # large layers need no stacked temporaries: one chunk
-        size = len(members) if large else max(1, CHUNK_BYTES // (shape.numel() * _compute_dtype_size(dtype, device)))
-        for start in range(0, len(members), size):
-            chunks[device].append(_Chunk(members[start:start + size], large))
+    for key, members in groups.items():
+        for part in split(key, members):
+            chunks[key[2]].append(_Chunk(part, key[-1]))
     for device, device_chunks in chunks.items():
         # every multiplier of this switch in one transfer (non-blocking: no wait for the GPU to finish its work)
         rows = []
@@ -135,14 +152,15 @@ def _merge_groups(groups: dict[tuple, list[tuple[LayerState, list[Contribution],
         host = torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
         mults = host.to(device, non_blocking=True)
         for chunk in device_chunks:
-            _merge_chunk(chunk, mults[chunk.offset:chunk.offset + len(chunk.members)])
+            merge_chunk(chunk, mults[chunk.offset:chunk.offset + len(chunk.members)])
 
 
 def _compute_dtype_size(dtype: torch.dtype, device: torch.device) -> int:
     return (dtype if device.type == "cuda" else torch.float32).itemsize
 
 
-def _merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
+def merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
+    """Write ``base + sum_j mults[:, j] * up_j @ down_j`` into every member's weight."""
     members = chunk.members
     first = members[0][0].weight
     shape, cdtype = first.shape, _compute_dtype(first)
@@ -164,4 +182,4 @@ def _merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
         # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
         torch._foreach_copy_([layer.weight for layer, _, _ in members], list(acc.to(first.dtype).unbind(0)))
     for layer, _, signature in members:
-        layer.applied = signature
+        layer.applied = signature if signature is not None else PLAN_WRITTEN

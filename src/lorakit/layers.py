@@ -184,7 +184,8 @@ class LayerState:
 
     def drop(self) -> None:
         """Forget the branch, the backup and the adapters, leaving the weight as it is now."""
-        self.set_branch([])
+        if self.branch is not None or self._hook is not None:
+            self.set_branch([])
         self.base = self.base_bias = None
         self.applied = ()
         self.deltas.clear()

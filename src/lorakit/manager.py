@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -25,25 +24,12 @@ from .io import open_source
 from .layers import LayerState
 from .loading import build_adapter, plan_load
 from .scales import ScaleRule, build_rule
-from .state import MODES, ComponentState, FusedEntry
+from .state import gc_paused, MODES, ComponentState, FusedEntry
 
 Names = str | Sequence[str]
 
 if TYPE_CHECKING:
     from .merging import MergeReport
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while a load builds its few thousand small objects: with a
-    diffusers pipeline in memory, the full collections it would trigger cost tens of ms per load."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _as_list(names: Names | None) -> list[str] | None:
@@ -119,7 +105,7 @@ class LoraManager:
             'style'
         """
         hub_kwargs.pop("low_cpu_mem_usage", None)  # lorakit never builds throw-away modules: always "low"
-        with _gc_paused():
+        with gc_paused():
             return self._load(pretrained_model_name_or_path_or_dict, weight_name, adapter_name, hotswap, prefix,
                               strict, allow_pickle, components, hub_kwargs)
 
@@ -167,6 +153,7 @@ class LoraManager:
             if activate:
                 state.active = [adapter.name]  # as diffusers: a new adapter becomes the one active adapter
             state.rules[adapter.name] = ScaleRule()
+            state.version += 1
             state.sync()
 
     def _hotswap(self, source, adapter_name: str | None, scope, prefix, strict) -> str:
@@ -206,6 +193,7 @@ class LoraManager:
                 state.adapters.remove(adapter_name)
                 state.active = [a for a in state.active if a != adapter_name]
             self._prune(state)
+            state.version += 1
             state.sync()
         return adapter_name
 
@@ -422,6 +410,7 @@ class LoraManager:
                     layer.deltas.pop(name, None)  # signatures change only where it was live: only those re-merge
                 self._forget(name, state.name)
             self._prune(state)
+            state.version += 1
             state.sync()
 
     def _forget(self, name: str, component: str) -> None:
@@ -440,6 +429,7 @@ class LoraManager:
         batched.write_many([(state.layers[p], []) for p in gone])  # exact restores, batched
         for path in gone:
             state.layers.pop(path).drop()
+        state.version += bool(gone)
 
     def unload_lora_weights(self, components: Sequence[str] | None = None) -> None:
         """Remove every adapter. Weights return bit-exactly to the base, except what the user fused, which stays
@@ -456,6 +446,7 @@ class LoraManager:
             state.rules.clear()
             state.fused.clear()
             state.enabled = True
+            state.version += 1
 
     # ----------------------------------------------------------------------------------------------- info
     def __repr__(self) -> str:

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .batched import write_many
+from . import plan
 from .layers import Contribution, LayerState, _signature
 from .scales import ScaleRule
 from .targets import ModuleIndex
 
 MODES = ("merge", "branch")
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a load or a switch builds its few thousand small objects:
+    with a diffusers pipeline in memory, the full collections they would trigger cost tens of ms each."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass
@@ -40,7 +56,9 @@ class ComponentState:
     enabled: bool = True
     call_scale: float = 1.0  # the call-time scale the weights/branches hold now
     ambient_scale: float = 1.0  # the call-time scale of the pipeline call in progress (1.0 outside one)
+    version: int = 0  # bumped by the manager whenever layers or their deltas change: a new switch plan is due
     _index: ModuleIndex | None = None
+    _plan: plan.SwitchPlan | None = None
 
     @property
     def index(self) -> ModuleIndex:
@@ -90,27 +108,42 @@ class ComponentState:
         param = next(self.model.parameters(), None)
         return "branch" if param is None or param.device.type == "cpu" else "merge"
 
-    @torch.no_grad()
     def sync(self) -> None:
         """Bring every layer's weight (and branch) in line with the current state.
 
-        Runs on every switch for every targeted layer (~1000 on SDXL with its text encoders): keep the loop lean."""
-        branch_mode = self.resolved_mode() == "branch"
-        rules = self._live_rules()
+        A change of structure (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of
+        weights or call-time scale only reruns the current one (see :mod:`lorakit.plan`)."""
+        mode = self.resolved_mode()
+        live = self._live_rules()
         fused = self.fused if self.enabled else []
-        writes = []
+        param = next(self.model.parameters(), None)
+        key = (mode, self.enabled, tuple(name for name, _, _ in live), tuple(id(f) for f in fused), self.version,
+               None if param is None else (param.device, param.dtype))
+        factors = [uniform for _, _, uniform in live]
+        per_path = {j: [rule(path) * self.call_scale for path in self.layers]
+                    for j, (_, rule, uniform) in enumerate(live) if uniform is None}
+        with gc_paused():
+            if self._plan is None or self._plan.key != key:
+                self._plan = plan.build(key, self._slots(mode == "branch", live, fused), factors, per_path,
+                                        self._plan)
+            self._plan.run(factors, per_path)
+
+    def _slots(self, branch_mode: bool, live: list[tuple[str, ScaleRule, float | None]],
+               fused: list[FusedEntry]) -> list[tuple[str, LayerState, list[plan.Slot], list[plan.Slot]]]:
+        """Per layer: the slots merged into its weight and those run as its branch."""
+        items = []
         for path, layer in self.layers.items():
-            live = self._live(rules, path, layer)
-            merged = [f.contributions[path] for f in fused if path in f.contributions]
-            if branch_mode and all(d.additive for d, _ in merged + live):
-                branch = [c for c in live if c[0].low_rank() is not None]
-                merged += [c for c in live if c[0].low_rank() is None]  # full-rank deltas have no cheap branch
+            merged = [plan.Slot(d, m, -1) for f in fused if path in f.contributions
+                      for d, m in (f.contributions[path],)]
+            mine = [plan.Slot(layer.deltas[name], layer.deltas[name].scale, j)
+                    for j, (name, _, _) in enumerate(live) if name in layer.deltas]
+            if branch_mode and all(s.delta.additive for s in merged + mine):
+                branch = [s for s in mine if s.delta.low_rank() is not None]
+                merged += [s for s in mine if s.delta.low_rank() is None]  # full-rank deltas have no cheap branch
             else:  # merge mode, or a non-additive algorithm here: it transforms the sum of everything else
-                merged, branch = merged + live, []
-            writes.append((layer, merged))
-            if branch or layer._hook is not None:
-                layer.set_branch(branch)
-        write_many(writes)
+                merged, branch = merged + mine, []
+            items.append((path, layer, merged, branch))
+        return items
 
     def visible_weight(self, path: str, layer: LayerState) -> torch.Tensor:
         """The weight as diffusers+PEFT would show it: base plus what the user fused, without live adapters.
