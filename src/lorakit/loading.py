@@ -16,9 +16,12 @@ import torch
 
 from .adapter import Adapter, WeightDelta
 from .errors import LoraKeyError, LoraShapeError, preview
+from .families import model_family
 from .formats import ModuleKeys, ParsedKeys, parse_keys
 from .formats.build import build_delta, check_shapes
+from .formats.split import fused_module, split_delta
 from .io import LoraSource
+from .keymaps import Target, map_key, strip_original_prefix
 from .state import ComponentState
 
 DENOISER_ALIASES = (None, "unet", "transformer")
@@ -30,6 +33,9 @@ class PlannedModule:
     path: str
     keys: ModuleKeys
     alpha: float | None
+    rows: tuple[int, int] | None = None  # output rows of a fused file layer that this module takes
+    total_rows: int = 0  # outputs of that fused layer
+    swap_halves: bool = False
 
 
 @dataclass
@@ -109,21 +115,37 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     shape_errors: list[str] = []
     # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
     unprefixed = all(e.namespace is None for e in parsed.modules)
+    family = model_family({n: s.model for n, s in states.items()})
+    _refuse_unsupported(source.name, list(source.infos))
+    taken: dict[tuple[str, str], str] = {}
     for entry in parsed.modules:
         comp = _route(entry.namespace, states, scope, prefix, unprefixed)
         if comp is False:
             plan.ignored.extend(entry.fields.values())
             continue
-        path = states[comp].index.resolve(entry) if comp is not None else None
-        if path is None:
+        targets = resolve_targets(entry, states[comp], family) if comp is not None else None
+        if targets is None:
             plan.unmatched.extend(entry.fields.values())
             continue
-        module = states[comp].index.modules[path]
+        modules = [states[comp].index.modules[t.path] for t in targets]
+        where = f"{entry.display} -> {comp}.{'+'.join(t.path for t in targets)}"
+        try:
+            module = modules[0] if len(modules) == 1 else fused_module(modules)
+        except ValueError as exc:
+            shape_errors.append(f"{where}: {exc}")
+            continue
         problem = check_shapes(entry, shapes, module)
         if problem:
-            shape_errors.append(f"{entry.display} -> {comp}.{path}: {problem}")
+            shape_errors.append(f"{where}: {problem}")
             continue
-        plan.modules.append(PlannedModule(comp, path, entry, _alpha_for(path, entry.namespace, alphas)))
+        total = int(module.weight.shape[0])
+        for t in targets:
+            if (comp, t.path) in taken:
+                raise LoraKeyError(f"{source.name}: {entry.display} and {taken[comp, t.path]} both target "
+                                   f"{comp}.{t.path}; a file may hold one LoRA per module. Nothing was loaded.")
+            taken[comp, t.path] = entry.display
+            plan.modules.append(PlannedModule(comp, t.path, entry, _alpha_for(t.path, entry.namespace, alphas),
+                                              t.rows, total, t.swap_halves))
     name = source.name
     if shape_errors:
         raise LoraShapeError(f"{name}: {len(shape_errors)} module(s) do not fit this model, e.g. "
@@ -149,13 +171,44 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     return plan
 
 
+def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None) -> list[Target] | None:
+    """Where a file module goes: its own name, the name without an original-checkpoint prefix
+    (``diffusion_model.``), or the family's key map (keymaps.py), which may split a fused layer over several."""
+    index = state.index
+    path = index.resolve(entry)
+    if path is None and entry.style == "dotted":
+        path = index.dotted.get(strip_original_prefix(entry.key))
+    if path is not None:
+        return [Target(path)]
+    if state.is_text_encoder:
+        return None
+    return map_key(entry.key, family, index.modules)
+
+
+# Key fragments of files that change more than weights (diffusers' FluxControl LoRAs): refused with the reason.
+_CONTROL_KEYS = ("query_norm.scale", "key_norm.scale")
+
+
+def _refuse_unsupported(name: str, keys: list[str]) -> None:
+    if any(k.endswith(_CONTROL_KEYS) for k in keys):
+        raise LoraKeyError(f"{name}: a FLUX Control LoRA (BFL; keys like 'double_blocks.0.img_attn.norm.query_norm.scale'"
+                           f"). Besides LoRA factors it replaces the q/k norm scales, adds LoRA biases and widens "
+                           f"x_embedder from 64 to 128 input channels (diffusers zero-pads that layer and restores it "
+                           f"on unload). lorakit applies weight deltas only and does not load it: use diffusers+PEFT "
+                           f"with FluxControlPipeline. Nothing was loaded.")
+
+
 def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState],
                   tensors: Mapping[str, torch.Tensor]) -> Adapter:
     """Build each module's delta on its target's device and dtype."""
     layers: dict[str, dict[str, WeightDelta]] = {}
+    built: dict[int, WeightDelta] = {}  # a fused file layer is built once and split over its targets
     for m in plan.modules:
         weight = states[m.component].index.modules[m.path].weight
-        delta = build_delta(m.keys, tensors.__getitem__, m.alpha)
+        whole = built.get(id(m.keys))
+        if whole is None:
+            whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha)
+        delta = split_delta(whole, m.rows, m.total_rows, m.swap_halves)
         delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
     return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,

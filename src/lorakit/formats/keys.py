@@ -37,6 +37,9 @@ SUFFIXES: tuple[tuple[str, str, str], ...] = (
 # Old diffusers attention processors: "<attn>.processor.to_q_lora.down.weight" targets "<attn>.to_q".
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|"
                         r"to_add_out)_lora\.(?P<field>down|up)\.weight$")
+# XLabs Flux processors: "double_blocks.0.processor.qkv_lora1.down.weight" (fused qkv; mapped in keymaps.py).
+_XLABS = re.compile(r"^(?P<module>.*(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)\."
+                    r"(?P<field>down|up)\.weight$")
 
 # Namespaces: which component of a pipeline a key belongs to. None = the model being loaded into / the denoiser.
 DOTTED_NAMESPACES = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -47,6 +50,8 @@ KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (  # longest first: lora_te1_ befo
     ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
+    ("lora_transformer_", "transformer"),  # OneTrainer
+    ("lycoris_", "transformer"),  # SimpleTuner LyCORIS
 )
 LOW_RANK_FIELDS = {"down", "up", "mid"}
 LOKR_FIELDS = {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}
@@ -115,6 +120,9 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     if m:
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
         return f"{m['attn']}.{proj}", m["field"], "diffusers_legacy"
+    m = _XLABS.match(key)
+    if m:
+        return m["module"], m["field"], "xlabs"
     for suffix, fld, fmt in SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], fld, fmt
