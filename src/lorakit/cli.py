@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: ``inspect`` a LoRA file, run the ``demo``. Parsing and rendering only; the work lives in
+"""The ``lorakit`` command: ``inspect`` a LoRA file, ``convert`` it between formats, run the ``demo``. Parsing and rendering only; the work lives in
 :mod:`lorakit.inspection` and :mod:`lorakit.demo`.
 
 Exit codes: 0 ok, 1 unexpected error or a failed demo check (a bug: ``LORAKIT_TRACEBACK=1`` shows tracebacks),
@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 unexpected error or a failed demo check (a bug: ``LORAKIT_TR
 
 Example:
     $ lorakit inspect style.safetensors --keys
+    $ lorakit convert style.safetensors style_kohya.safetensors --to kohya
     $ lorakit demo
     $ lorakit demo --model ./sd15 --lora style.safetensors:0.8 --prompt "a cat" --output cat.png
 """
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.add_argument("--keys", action="store_true", help="list every targeted module")
     ins.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (only if trusted)")
+
+    conv = sub.add_parser("convert", help="rewrite a LoRA file as diffusers/PEFT or kohya (factors and alphas as is)")
+    conv.add_argument("input", help="a LoRA .safetensors file")
+    conv.add_argument("output", help="the .safetensors file to write")
+    conv.add_argument("--to", required=True, choices=("diffusers", "kohya"), help="format to write")
+    conv.add_argument("--model", help="a diffusers pipeline folder, or sd1/sdxl/flux for the reference architecture "
+                                      "(default: guessed from the file)")
 
     demo = sub.add_parser("demo", help="run the LoRA API end to end (embedded tiny pipeline, or --model)")
     demo.add_argument("--model", help="a diffusers pipeline folder or hub id; default: an embedded tiny SD1.5")
@@ -165,6 +173,23 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------ convert
+def cmd_convert(args: argparse.Namespace, out: Console) -> int:
+    from .convert import convert_file
+
+    report = convert_file(args.input, args.output, to=args.to, model=args.model)
+    table = Table(title="Converted", show_header=False, title_justify="left")
+    table.add_column("field", style="bold cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    rows = [("from", f"{report.source} ({report.source_format})"), ("to", f"{report.output} ({report.to})"),
+            ("family", str(report.family)), ("modules", _counts(report.components)),
+            ("tensors", f"{report.tensors:,}")]
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    out.print(table)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def steps_table(records: list, title: str) -> Table:
     """The demo's step records: timings, check results, and each step's detail dimmed under its name."""
@@ -263,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args, out)
+        if args.command == "convert":
+            return cmd_convert(args, out)
         return cmd_demo(args, out, err)
     except LoraError as exc:
         # soft_wrap: never break a path in the message across lines

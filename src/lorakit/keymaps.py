@@ -153,6 +153,10 @@ HUNYUAN_VIDEO: tuple[Row, ...] = (
 # table needed beyond the prefix strip every family gets.
 FAMILY_MAPS: dict[str, tuple[Row, ...]] = {"flux": FLUX, "sd3": SD3, "wan": WAN, "hunyuan-video": HUNYUAN_VIDEO}
 
+# Component namespaces that a family's kohya files number differently (kohya's FLUX.1 T5 is lora_te3_; diffusers'
+# FluxPipeline calls it text_encoder_2).
+NAMESPACE_ALIASES: dict[str, dict[str, str]] = {"flux": {"text_encoder_3": "text_encoder_2"}}
+
 # Prefixes original-checkpoint files put before module names (ComfyUI, BFL, LTX, Wan).
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -209,12 +213,3 @@ def map_key(key: str, family: str | None, modules: dict[str, nn.Module]) -> list
 def _continuous(path: str, modules: dict[str, nn.Module]) -> bool:
     parent = modules.get(path.rpartition(".")[0])
     return type(parent).__name__ == "AdaLayerNormContinuous"
-
-
-def inverse_rows(family: str | None) -> dict[str, tuple[str, int]]:
-    """``{target template: (source pattern, position)}`` of fused rows, for writers that re-fuse (tests, docs)."""
-    out = {}
-    for pat, targets, _ in FAMILY_MAPS.get(family or "", ()):
-        for i, t in enumerate(targets):
-            out.setdefault(t, (pat, i))
-    return out

@@ -21,7 +21,7 @@ from .formats import ModuleKeys, ParsedKeys, parse_keys
 from .formats.build import build_delta, check_shapes
 from .formats.split import fused_module, split_delta
 from .io import LoraSource
-from .keymaps import Target, map_key, strip_original_prefix
+from .keymaps import NAMESPACE_ALIASES, Target, map_key, strip_original_prefix
 from .state import ComponentState
 
 DENOISER_ALIASES = (None, "unet", "transformer")
@@ -118,8 +118,10 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     family = model_family({n: s.model for n, s in states.items()})
     _refuse_unsupported(source.name, list(source.infos))
     taken: dict[tuple[str, str], str] = {}
+    aliases = NAMESPACE_ALIASES.get(family or "", {})
     for entry in parsed.modules:
-        comp = _route(entry.namespace, states, scope, prefix, unprefixed)
+        namespace = entry.namespace if entry.namespace in states else aliases.get(entry.namespace, entry.namespace)
+        comp = _route(namespace, states, scope, prefix, unprefixed)
         if comp is False:
             plan.ignored.extend(entry.fields.values())
             continue
@@ -199,8 +201,8 @@ def _refuse_unsupported(name: str, keys: list[str]) -> None:
 
 
 def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState],
-                  tensors: Mapping[str, torch.Tensor]) -> Adapter:
-    """Build each module's delta on its target's device and dtype."""
+                  tensors: Mapping[str, torch.Tensor], *, place: bool = True) -> Adapter:
+    """Build each module's delta on its target's device and dtype (as read, with ``place=False``: conversions)."""
     layers: dict[str, dict[str, WeightDelta]] = {}
     built: dict[int, WeightDelta] = {}  # a fused file layer is built once and split over its targets
     for m in plan.modules:
@@ -209,7 +211,8 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
         if whole is None:
             whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha)
         delta = split_delta(whole, m.rows, m.total_rows, m.swap_halves)
-        delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        if place:
+            delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
     return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
                    metadata=dict(plan.source.metadata))
