@@ -65,8 +65,8 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_hunyuan_video_transformer",
     "tiny_ltx_video_transformer",
-    "tiny_sd15_pipeline",
     "tiny_sd3_models",
+    "tiny_sd15_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_wan_transformer",
 ]
