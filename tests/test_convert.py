@@ -144,3 +144,18 @@ def test_cli_convert(tmp_path, capsys):
     _same_tensors(src, str(tmp_path / "k.safetensors"))
     assert main(["convert", str(tmp_path / "missing.safetensors"), str(out), "--to", "kohya"]) == 2
     assert main(["convert", src, str(out), "--to", "comfy"]) == 2
+
+
+@pytest.mark.parametrize("fmt", ["sd3_kohya", "wan_musubi", "hunyuan_kohya"])
+def test_original_name_families_round_trip(fmt, tmp_path):
+    """kohya files in original names (SD3 joint_blocks, Wan/Hunyuan musubi) -> diffusers -> kohya: the same file."""
+    from test_families import BARE_FORMATS, HUNYUAN_ALL, _bare
+
+    name, spec, *_ = BARE_FORMATS.get(fmt, ("hunyuan", HUNYUAN_ALL))
+    model = _bare(name)
+    sd, want = source_file(model, spec, "kohya", prefix="lora_unet_", underscore=True, seed=11)
+    k0 = write(sd, tmp_path / "k0.safetensors")
+    d1 = convert_file(k0, tmp_path / "d1.safetensors", to="diffusers", model=model).output
+    assert len(load_file(d1)) == 2 * len(want)
+    k2 = convert_file(d1, tmp_path / "k2.safetensors", to="kohya", model=model).output
+    _same_tensors(k0, k2)

@@ -281,3 +281,37 @@ def test_transformer_families(fmt, tmp_path):
     for p, d in want.items():
         got = model.get_submodule(p).weight.detach().double() - before[p]
         assert ((got - d).norm() / d.norm()).item() < 1e-3, f"{fmt} {p}"
+
+
+def test_sd3_kohya_text_encoders(tmp_path):
+    """SD3 kohya files: lora_te1_/lora_te2_ (CLIP) and lora_te3_ (T5) next to the joint blocks."""
+    from lorakit.testing.models import tiny_sd3_models
+
+    models = tiny_sd3_models()
+    manager = lorakit.LoraManager(models)
+    sd, want = source_file(models["transformer"], SD3_SAI[:3], "kohya", prefix="lora_unet_", underscore=True)
+    wants = {"transformer": want}
+    for i, comp in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1):
+        model = models[comp]
+        targets = ("q", "k", "v", "o", "wi_0", "wo") if i == 3 else ("q_proj", "v_proj", "out_proj", "fc1")
+        layers = make_lora(model, seed=i, targets=tuple("." + t for t in targets), alpha=1.0)
+        for path, w in layers.items():
+            clip_path = path if path.startswith("text_model.") else "text_model." + path
+            name = f"lora_te{i}_" + (clip_path if i < 3 else path).replace(".", "_")
+            sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = w.down, w.up
+            sd[f"{name}.alpha"] = torch.tensor(1.0)
+        wants[comp] = expected_deltas(layers, model)
+    base = {c: params(m) for c, m in models.items()}
+    manager.load_lora_weights(write(sd, tmp_path / "sd3.safetensors"), adapter_name="x")
+    assert manager.get_list_adapters() == {c: ["x"] for c in models}
+    before = {c: {p: models[c].get_submodule(p).weight.detach().double().clone() for p in w} for c, w in wants.items()}
+    manager.fuse_lora(adapter_names=["x"])
+    for comp, want_c in wants.items():
+        for p, d in want_c.items():
+            got = models[comp].get_submodule(p).weight.detach().double() - before[comp][p]
+            assert ((got - d).norm() / d.norm()).item() < 1e-3, f"{comp}.{p}"
+    manager.unfuse_lora()
+    manager.unload_lora_weights()
+    for comp, model in models.items():
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, base[comp][k]), f"{comp}.{k}"
