@@ -159,3 +159,17 @@ def test_original_name_families_round_trip(fmt, tmp_path):
     assert len(load_file(d1)) == 2 * len(want)
     k2 = convert_file(d1, tmp_path / "k2.safetensors", to="kohya", model=model).output
     _same_tensors(k0, k2)
+
+
+def test_save_loaded_adapter_as_kohya(tmp_path):
+    """pipe.save_lora_adapter(..., format="kohya") writes back the BFL-named kohya file it loaded, alpha kept."""
+    fam = family("flux")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    sd, _ = source_file(pipe.transformer, FLUX_BFL, "kohya", prefix="lora_unet_", underscore=True, seed=12)
+    k0 = write(sd, tmp_path / "k0.safetensors")
+    pipe.load_lora_weights(k0, adapter_name="x")
+    out = pipe.save_lora_adapter(tmp_path / "saved.safetensors", adapter_name="x", format="kohya")
+    _same_tensors(k0, str(out))
+    with pytest.raises(lorakit.LoraError, match="format"):
+        pipe.save_lora_adapter(tmp_path / "bad.safetensors", adapter_name="x", format="comfy")
