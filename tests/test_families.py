@@ -315,3 +315,16 @@ def test_sd3_kohya_text_encoders(tmp_path):
     for comp, model in models.items():
         for k, v in model.state_dict().items():
             assert torch.equal(v, base[comp][k]), f"{comp}.{k}"
+
+
+def test_wan_diff_b_is_reported(tmp_path):
+    model = _bare("wan")
+    manager = lorakit.attach(model)
+    sd, want = source_file(model, WAN_BLOCKS[:2], "kohya", prefix="diffusion_model.")
+    sd["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.zeros(16)
+    path = write(sd, tmp_path / "diffb.safetensors")
+    with pytest.raises(lorakit.LoraKeyError, match=r"self_attn\.q\.diff_b.*full weight/bias differences"):
+        manager.load_lora_weights(path, adapter_name="x")
+    with pytest.warns(UserWarning, match="diff_b"):
+        manager.load_lora_weights(path, adapter_name="x", strict=False)
+    assert manager.adapters["x"].num_modules() == len(want)

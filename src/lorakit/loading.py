@@ -157,8 +157,8 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     if unusable and strict:
         where = ", ".join(f"{n}: {type(s.model).__name__}" for n, s in states.items())
         raise LoraKeyError(f"{name}: {len(unusable)} key(s) match no module of the model ({where}): "
-                           f"{preview(unusable, 5)}. Check the LoRA is made for this model, or pass strict=False "
-                           f"to load the rest. Nothing was loaded.")
+                           f"{preview(unusable, 5)}.{_diff_note(unusable)} Check the LoRA is made for this model, or "
+                           f"pass strict=False to load the rest. Nothing was loaded.")
     if unusable:
         warnings.warn(f"{name}: skipped {len(unusable)} key(s) that match no module: {preview(unusable, 5)}.",
                       stacklevel=3)
@@ -189,6 +189,15 @@ def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None
 
 # Key fragments of files that change more than weights (diffusers' FluxControl LoRAs): refused with the reason.
 _CONTROL_KEYS = ("query_norm.scale", "key_norm.scale")
+
+
+def _diff_note(keys: list[str]) -> str:
+    """Why ``.diff``/``.diff_b`` tensors (ComfyUI/Wan full-weight and bias differences) do not load."""
+    diffs = [k for k in keys if k.endswith((".diff", ".diff_b"))]
+    if not diffs:
+        return ""
+    return (f" {len(diffs)} of them are full weight/bias differences (.diff, .diff_b), which lorakit does not apply "
+            f"(diffusers loads Wan diff_b as LoRA biases and drops norm diffs).")
 
 
 def _refuse_unsupported(name: str, keys: list[str]) -> None:
