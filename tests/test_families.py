@@ -328,3 +328,35 @@ def test_wan_diff_b_is_reported(tmp_path):
     with pytest.warns(UserWarning, match="diff_b"):
         manager.load_lora_weights(path, adapter_name="x", strict=False)
     assert manager.adapters["x"].num_modules() == len(want)
+
+
+def test_lokr_on_fused_flux_layers(tmp_path):
+    """A non-low-rank algorithm on a fused layer: each diffusers projection takes its rows of the full delta; the
+    kohya writer joins the parts back into the very same file."""
+    fam = family("flux")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    g = torch.Generator().manual_seed(0)
+    w1, w2a, w2b = torch.randn(4, 4, generator=g), torch.randn(24, 2, generator=g), torch.randn(2, 8, generator=g)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"  # fused qkv: 96 x 32 = kron([4, 4], [24, 8])
+    sd = {f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b, f"{key}.alpha": torch.tensor(1.0)}
+    path = write(sd, tmp_path / "lokr_qkv.safetensors")
+    full = torch.kron(w1.double(), w2a.double() @ w2b.double()) * 0.5  # alpha 1 / rank 2
+    want = dict(zip(_qkv(f"{DB}.attn"), full.split(32)))
+    base = params(pipe.transformer)
+    pipe.load_lora_weights(path, adapter_name="x")
+    out = pipe.save_lora_adapter(tmp_path / "again.safetensors", adapter_name="x", format="kohya")
+    from safetensors.torch import load_file
+
+    again = load_file(out)
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    with pytest.raises(lorakit.LoraError, match="kohya"):
+        pipe.save_lora_adapter(tmp_path / "peft.safetensors", adapter_name="x")
+    pipe.fuse_lora(components=["transformer"], adapter_names=["x"])
+    for p, d in want.items():
+        got = pipe.transformer.get_submodule(p).weight.detach().double() - base[f"{p}.weight"].double()
+        assert ((got - d).norm() / d.norm()).item() < 1e-6, p
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert all(torch.equal(v, base[k]) for k, v in pipe.transformer.state_dict().items())
+    assert manager.adapters == {}

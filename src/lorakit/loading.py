@@ -129,25 +129,17 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
         if targets is None:
             plan.unmatched.extend(entry.fields.values())
             continue
-        modules = [states[comp].index.modules[t.path] for t in targets]
-        where = f"{entry.display} -> {comp}.{'+'.join(t.path for t in targets)}"
-        try:
-            module = modules[0] if len(modules) == 1 else fused_module(modules)
-        except ValueError as exc:
-            shape_errors.append(f"{where}: {exc}")
+        planned = _plan_targets(entry, comp, states[comp], targets, shapes)
+        if isinstance(planned, str):
+            shape_errors.append(planned)
             continue
-        problem = check_shapes(entry, shapes, module)
-        if problem:
-            shape_errors.append(f"{where}: {problem}")
-            continue
-        total = int(module.weight.shape[0])
-        for t in targets:
-            if (comp, t.path) in taken:
-                raise LoraKeyError(f"{source.name}: {entry.display} and {taken[comp, t.path]} both target "
-                                   f"{comp}.{t.path}; a file may hold one LoRA per module. Nothing was loaded.")
-            taken[comp, t.path] = entry.display
-            plan.modules.append(PlannedModule(comp, t.path, entry, _alpha_for(t.path, entry.namespace, alphas),
-                                              t.rows, total, t.swap_halves))
+        for m in planned:
+            if (comp, m.path) in taken:
+                raise LoraKeyError(f"{source.name}: {entry.display} and {taken[comp, m.path]} both target "
+                                   f"{comp}.{m.path}; a file may hold one LoRA per module. Nothing was loaded.")
+            taken[comp, m.path] = entry.display
+            m.alpha = _alpha_for(m.path, entry.namespace, alphas)
+            plan.modules.append(m)
     name = source.name
     if shape_errors:
         raise LoraShapeError(f"{name}: {len(shape_errors)} module(s) do not fit this model, e.g. "
@@ -171,6 +163,23 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
                            f"format {parsed.format!r}{', prefix ' + repr(prefix) if prefix else ''}). "
                            f"Nothing was loaded.")
     return plan
+
+
+def _plan_targets(entry: ModuleKeys, comp: str, state: ComponentState, targets: list[Target],
+                  shapes: Mapping[str, tuple[int, ...]]) -> list[PlannedModule] | str:
+    """The planned modules of one file module, or why its tensors do not fit (several targets: checked as the fused
+    layer they were cut from)."""
+    modules = [state.index.modules[t.path] for t in targets]
+    where = f"{entry.display} -> {comp}.{'+'.join(t.path for t in targets)}"
+    try:
+        module = modules[0] if len(modules) == 1 else fused_module(modules)
+    except ValueError as exc:
+        return f"{where}: {exc}"
+    problem = check_shapes(entry, shapes, module)
+    if problem:
+        return f"{where}: {problem}"
+    total = int(module.weight.shape[0])
+    return [PlannedModule(comp, t.path, entry, None, t.rows, total, t.swap_halves) for t in targets]
 
 
 def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None) -> list[Target] | None:
