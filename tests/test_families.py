@@ -360,3 +360,21 @@ def test_lokr_on_fused_flux_layers(tmp_path):
     pipe.unload_lora_weights()
     assert all(torch.equal(v, base[k]) for k, v in pipe.transformer.state_dict().items())
     assert manager.adapters == {}
+
+
+def test_flux_comfyui_lorasave_keys(tmp_path):
+    """ComfyUI's own spelling: diffusion_model.<BFL name> and text_encoders.clip_l/t5xxl.transformer.<path>."""
+    fam = family("flux")
+    ref, ours = pair(fam)
+    sd, _ = source_file(ours.transformer, FLUX_BFL_BLOCKS, "kohya", prefix="diffusion_model.", seed=13)
+    # MLP layers only: diffusers renames kohya-style Flux CLIP attention keys to old processor names and drops them
+    clip = make_lora(ours.text_encoder, seed=2, targets=(".fc1", ".fc2"), alpha=2.0)
+    for path, w in clip.items():
+        key = "text_encoders.clip_l.transformer." + (path if path.startswith("text_model.") else "text_model." + path)
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = w.down, w.up
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path = write(sd, tmp_path / "comfy.safetensors")
+    ours.load_lora_weights(path, adapter_name="x")
+    assert ours.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
+    ref.load_lora_weights(path, adapter_name="x")  # diffusers reads this spelling through its kohya converter
+    assert_close(outputs(ours, fam), outputs(ref, fam))

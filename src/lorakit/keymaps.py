@@ -157,6 +157,15 @@ FAMILY_MAPS: dict[str, tuple[Row, ...]] = {"flux": FLUX, "sd3": SD3, "wan": WAN,
 # FluxPipeline calls it text_encoder_2).
 NAMESPACE_ALIASES: dict[str, dict[str, str]] = {"flux": {"text_encoder_3": "text_encoder_2"}}
 
+# ComfyUI's own text-encoder spelling (LoraSave output): ``text_encoders.<name>.transformer.<module path>``.
+_COMFY_CLIP_L, _COMFY_CLIP_G, _COMFY_T5 = (f"text_encoders.{n}.transformer." for n in ("clip_l", "clip_g", "t5xxl"))
+COMFY_TEXT_ENCODERS: dict[str, dict[str, str]] = {
+    "sd1": {_COMFY_CLIP_L: "text_encoder"},
+    "sdxl": {_COMFY_CLIP_L: "text_encoder", _COMFY_CLIP_G: "text_encoder_2"},
+    "flux": {_COMFY_CLIP_L: "text_encoder", _COMFY_T5: "text_encoder_2"},
+    "sd3": {_COMFY_CLIP_L: "text_encoder", _COMFY_CLIP_G: "text_encoder_2", _COMFY_T5: "text_encoder_3"},
+}
+
 # Prefixes original-checkpoint files put before module names (ComfyUI, BFL, LTX, Wan).
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -174,6 +183,14 @@ class Target:
 def _compiled(family: str) -> tuple[tuple[re.Pattern, tuple[str, ...], str | None], ...]:
     return tuple((re.compile("^" + pat.replace(".", "[._]") + "$"), targets, op)
                  for pat, targets, op in FAMILY_MAPS.get(family, ()))
+
+
+def comfy_text_encoder(key: str, family: str | None) -> tuple[str, str] | None:
+    """``(component, module key)`` of a ComfyUI text-encoder key (``text_encoders.clip_l.transformer.…``), or None."""
+    for prefix, component in COMFY_TEXT_ENCODERS.get(family or "", {}).items():
+        if key.startswith(prefix):
+            return component, key[len(prefix):]
+    return None
 
 
 def strip_original_prefix(key: str) -> str:

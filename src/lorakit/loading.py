@@ -6,6 +6,7 @@ Splitting the two is what keeps a failed load from leaving a model half-changed:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -21,7 +22,7 @@ from .formats import ModuleKeys, ParsedKeys, parse_keys
 from .formats.build import build_delta, check_shapes
 from .formats.split import fused_module, split_delta
 from .io import LoraSource
-from .keymaps import NAMESPACE_ALIASES, Target, map_key, strip_original_prefix
+from .keymaps import NAMESPACE_ALIASES, Target, comfy_text_encoder, map_key, strip_original_prefix
 from .state import ComponentState
 
 DENOISER_ALIASES = (None, "unet", "transformer")
@@ -113,13 +114,14 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     alphas = peft_alphas(source.metadata)
     shapes = {k: v.shape for k, v in source.infos.items()}
     shape_errors: list[str] = []
-    # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
-    unprefixed = all(e.namespace is None for e in parsed.modules)
     family = model_family({n: s.model for n, s in states.items()})
+    entries = [_comfy_text_encoder(e, family) for e in parsed.modules]
+    # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
+    unprefixed = all(e.namespace is None for e in entries)
     _refuse_unsupported(source.name, list(source.infos))
     taken: dict[tuple[str, str], str] = {}
     aliases = NAMESPACE_ALIASES.get(family or "", {})
-    for entry in parsed.modules:
+    for entry in entries:
         namespace = entry.namespace if entry.namespace in states else aliases.get(entry.namespace, entry.namespace)
         comp = _route(namespace, states, scope, prefix, unprefixed)
         if comp is False:
@@ -163,6 +165,12 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
                            f"format {parsed.format!r}{', prefix ' + repr(prefix) if prefix else ''}). "
                            f"Nothing was loaded.")
     return plan
+
+
+def _comfy_text_encoder(entry: ModuleKeys, family: str | None) -> ModuleKeys:
+    """ComfyUI's ``text_encoders.clip_l.transformer.…`` keys, read as the text encoder's own."""
+    found = comfy_text_encoder(entry.key, family) if entry.namespace is None else None
+    return entry if found is None else dataclasses.replace(entry, namespace=found[0], key=found[1])
 
 
 def _plan_targets(entry: ModuleKeys, comp: str, state: ComponentState, targets: list[Target],
