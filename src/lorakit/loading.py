@@ -22,7 +22,13 @@ from .formats import ModuleKeys, ParsedKeys, parse_keys
 from .formats.build import build_delta, check_shapes
 from .formats.split import fused_module, split_delta
 from .io import LoraSource
-from .keymaps import NAMESPACE_ALIASES, Target, comfy_text_encoder, map_key, strip_original_prefix
+from .keymaps import (
+    NAMESPACE_ALIASES,
+    Target,
+    comfy_text_encoder,
+    map_key,
+    strip_original_prefix,
+)
 from .state import ComponentState
 
 DENOISER_ALIASES = (None, "unet", "transformer")
