@@ -77,9 +77,19 @@ def test_flux_bfl_kohya_round_trip_gives_back_the_file(tmp_path):
     pipe = fam.build()
     lorakit.attach(pipe)
     sd, _ = source_file(pipe.transformer, FLUX_BFL, "kohya", prefix="lora_unet_", underscore=True, seed=2)
+    for comp, prefix, targets in (("text_encoder", "lora_te1_", (".q_proj", ".fc2")), ("text_encoder_2", "lora_te3_",
+                                                                                     (".q", ".wi_1"))):
+        model = getattr(pipe, comp)
+        for path, w in make_lora(model, seed=3, targets=targets, alpha=1.5).items():
+            name = prefix + (path if comp == "text_encoder_2" or path.startswith("text_model.")
+                             else "text_model." + path).replace(".", "_")
+            sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = w.down, w.up
+            sd[f"{name}.alpha"] = torch.tensor(1.5)
     k0 = write(sd, tmp_path / "k0.safetensors")
     d1 = convert_file(k0, tmp_path / "d1.safetensors", to="diffusers", model=pipe).output
-    assert "transformer.transformer_blocks.0.attn.to_k.lora_B.weight" in load_file(d1)
+    keys = load_file(d1)
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_B.weight" in keys
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" in keys
     k2 = convert_file(d1, tmp_path / "k2.safetensors", to="kohya", model=pipe).output
     _same_tensors(k0, k2)
     _same_deltas(_deltas(pipe, k0), _deltas(pipe, d1))
