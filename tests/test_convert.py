@@ -183,3 +183,20 @@ def test_save_loaded_adapter_as_kohya(tmp_path):
     _same_tensors(k0, str(out))
     with pytest.raises(lorakit.LoraError, match="format"):
         pipe.save_lora_adapter(tmp_path / "bad.safetensors", adapter_name="x", format="comfy")
+
+
+def test_partial_fused_layer_to_kohya(tmp_path):
+    """Only to_k of a qkv carries a LoRA: the kohya writer fills the other rows with zeros (the same deltas)."""
+    fam = family("flux")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    spec = [s for s in FLUX_DIFFUSERS if s.name.endswith(("attn.to_k", "proj_mlp"))]
+    sd, _ = source_file(pipe.transformer, spec, "peft", prefix="transformer.", seed=14)
+    d0 = write(sd, tmp_path / "d0.safetensors")
+    k1 = convert_file(d0, tmp_path / "k1.safetensors", to="kohya", model=pipe).output
+    names = {k.split(".")[0] for k in load_file(k1)}
+    assert names == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"}
+    want, got = _deltas(pipe, d0), _deltas(pipe, k1)
+    for k, v in want.items():
+        assert torch.allclose(v, got[k], rtol=1e-12, atol=1e-15), k
+    assert all(got[k].abs().max() == 0 for k in set(got) - set(want))

@@ -64,38 +64,52 @@ def _fuse(parts: list[WeightDelta | None], sizes: list[int], swap: bool) -> Weig
     """One delta for the fused original layer, exactly, or None when the parts cannot be joined exactly."""
     present = [p for p in parts if p is not None]
     inner = getattr(present[0], "inner", None)
-    if all(isinstance(p, RowSliceDelta) and p.inner is inner and p.swap_halves == swap for p in present) \
-            and len(present) == len(parts):
-        return inner
+    if len(present) == len(parts) and all(isinstance(p, RowSliceDelta) and p.inner is inner
+                                          and p.swap_halves == swap for p in present):
+        return inner  # the parts of one LoKr (or other full delta) that lorakit split
     if not all(isinstance(p, LoraWeights) and p.mid is None and p.up.dim() == 2 for p in present):
         return None
-    first = present[0]
-    rows = []
-    if all(p.down.shape == first.down.shape and torch.equal(p.down, first.down) and p.alpha == first.alpha
-           for p in present):  # shared down (every fused layer lorakit split): stack the up rows
-        for p, n in zip(parts, sizes):
-            rows.append(p.up if p is not None else first.up.new_zeros(n, first.rank))
-        down, alpha = first.down, first.alpha
-    else:  # own factors: block-diagonal, exact only if every part has the same scale
-        scales = {p.scale for p in present}
-        total = sum(p.rank for p in present)
-        if len(scales) != 1:
-            return None
-        alpha = None if all(p.alpha is None for p in present) else first.scale * total
-        if alpha is not None and alpha / total != first.scale:
-            return None
-        down = torch.cat([p.down for p in present], 0)
-        col = 0
-        for p, n in zip(parts, sizes):
-            block = first.up.new_zeros(n, total)
-            if p is not None:
-                block[:, col:col + p.rank] = p.up
-                col += p.rank
-            rows.append(block)
-    up = torch.cat(rows, 0)
-    if swap:
-        up = torch.cat([up[up.shape[0] // 2:], up[: up.shape[0] // 2]], 0)
-    return LoraWeights(down=down, up=up, alpha=alpha)
+    fused = _stack_shared(parts, sizes) or _block_diagonal(parts, sizes)
+    if fused is not None and swap:
+        half = fused.up.shape[0] // 2
+        fused.up = torch.cat([fused.up[half:], fused.up[:half]], 0)
+    return fused
+
+
+def _stack_shared(parts: list[LoraWeights | None], sizes: list[int]) -> LoraWeights | None:
+    """Parts sharing ``down`` and alpha (every fused layer lorakit split): one LoRA with the ``up`` rows stacked."""
+    first = next(p for p in parts if p is not None)
+    if not all(p is None or (p.down.shape == first.down.shape and torch.equal(p.down, first.down)
+                             and p.alpha == first.alpha) for p in parts):
+        return None
+    ups = [p.up if p is not None else first.up.new_zeros(n, first.rank) for p, n in zip(parts, sizes)]
+    return LoraWeights(down=first.down, up=torch.cat(ups, 0), alpha=first.alpha)
+
+
+def _block_diagonal(parts: list[LoraWeights | None], sizes: list[int]) -> LoraWeights | None:
+    """Parts with their own factors: stacked ``down``, block-diagonal ``up``; exact only if all share one scale."""
+    present = [p for p in parts if p is not None]
+    scale, total = present[0].scale, sum(p.rank for p in present)
+    alpha = None if all(p.alpha is None for p in present) else scale * total
+    if any(p.scale != scale for p in present) or (alpha is not None and alpha / total != scale):
+        return None
+    blocks, col = [], 0
+    for p, n in zip(parts, sizes):
+        block = present[0].up.new_zeros(n, total)
+        if p is not None:
+            block[:, col:col + p.rank] = p.up
+            col += p.rank
+        blocks.append(block)
+    return LoraWeights(down=torch.cat([p.down for p in present], 0), up=torch.cat(blocks, 0), alpha=alpha)
+
+
+def _row_instances(layers: Mapping[str, WeightDelta], targets: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The block numbers (or ``()``) for which the adapter holds any of a row's targets."""
+    found = set()
+    for template in targets:
+        regex = re.compile("^" + re.escape(template).replace(re.escape("{0}"), r"(\d+)") + "$")
+        found.update(m.groups() for m in map(regex.match, layers) if m)
+    return sorted(found, key=lambda g: [int(x) for x in g])
 
 
 def _original_names(layers: Mapping[str, WeightDelta], family: str | None, modules: Mapping[str, nn.Module]
@@ -106,16 +120,14 @@ def _original_names(layers: Mapping[str, WeightDelta], family: str | None, modul
     for pattern, targets, op in FAMILY_MAPS.get(family or "", ()):
         if "processor" in pattern:  # XLabs spellings: read, never written
             continue
-        regex = re.compile("^" + re.escape(targets[0]).replace(re.escape("{0}"), r"(\d+)") + "$")
-        for path in sorted(p for p in layers if regex.match(p)):
-            index = regex.match(path).groups()
+        for index in _row_instances(layers, targets):
             paths = [t.format(*index) for t in targets]
-            if any(p in covered for p in paths):
+            if any(p in covered for p in paths) or not all(p in modules for p in paths):
                 continue
             parent = modules.get(paths[0].rpartition(".")[0])
             swap = op == "adaln" and type(parent).__name__ == "AdaLayerNormContinuous"
             if len(paths) == 1 and not swap:
-                fused = layers[path]
+                fused = layers[paths[0]]
             else:
                 sizes = [int(modules[p].weight.shape[0]) for p in paths]
                 fused = _fuse([layers.get(p) for p in paths], sizes, swap)
