@@ -200,3 +200,13 @@ def test_partial_fused_layer_to_kohya(tmp_path):
     for k, v in want.items():
         assert torch.allclose(v, got[k], rtol=1e-12, atol=1e-15), k
     assert all(got[k].abs().max() == 0 for k in set(got) - set(want))
+
+
+def test_convert_without_a_reference_model_asks_for_one(tmp_path):
+    from test_families import HUNYUAN_BLOCKS, _bare
+
+    sd, _ = source_file(_bare("hunyuan"), HUNYUAN_BLOCKS, "kohya", prefix="lora_unet_", underscore=True)
+    src = write(sd, tmp_path / "hy.safetensors")
+    with pytest.raises(lorakit.LoraError, match=r"hunyuan-video.*--model"):
+        convert_file(src, tmp_path / "out.safetensors", to="diffusers")
+    assert not (tmp_path / "out.safetensors").exists()
