@@ -21,7 +21,7 @@ from torch import nn
 
 from .binding import _components_of
 from .errors import LoraError
-from .families import model_family
+from .families import is_text_encoder, model_family
 from .formats import parse_keys
 from .formats.write import to_peft
 from .formats.write_kohya import to_kohya
@@ -102,7 +102,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, mod
         raise LoraError(f"convert: unknown target format {to!r}; one of {list(TARGETS)}.")
     source = open_source(src)
     components = _components(model, source)
-    states = {n: ComponentState(n, m, type(m).__module__.startswith("transformers.")) for n, m in components.items()}
+    states = {n: ComponentState(n, m, is_text_encoder(m)) for n, m in components.items()}
     plan = plan_load(source, states, strict=strict)
     adapter = build_adapter(plan, Path(src).stem, states, source.load("cpu"), place=False)
     family = model_family(components)
