@@ -1,12 +1,14 @@
-"""The ``lorakit`` command: ``inspect`` a LoRA file, ``merge``/``resize`` LoRA files, ``extract`` a LoRA from two
-models, run the ``demo``. Parsing and rendering only; the work lives in :mod:`lorakit.inspection`,
-:mod:`lorakit.merging`, :mod:`lorakit.extraction` and :mod:`lorakit.demo`.
+"""The ``lorakit`` command: ``inspect`` a LoRA file, ``convert`` it between formats, ``merge``/``resize`` LoRA files,
+``extract`` a LoRA from two models, run the ``demo``. Parsing and rendering only; the work lives in
+:mod:`lorakit.inspection`, :mod:`lorakit.convert`, :mod:`lorakit.merging`, :mod:`lorakit.extraction` and
+:mod:`lorakit.demo`.
 
 Exit codes: 0 ok, 1 unexpected error or a failed demo check (a bug: ``LORAKIT_TRACEBACK=1`` shows tracebacks),
 2 bad input (any :class:`~lorakit.LoraError`, usage errors).
 
 Example:
     $ lorakit inspect style.safetensors --keys
+    $ lorakit convert style.safetensors style_kohya.safetensors --to kohya
     $ lorakit merge a.safetensors b.safetensors --weights 0.7 0.8 --method ties --density 0.5 -o mix.safetensors
     $ lorakit resize big.safetensors --rank 8 -o small.safetensors
     $ lorakit extract tuned/unet base/unet --rank 32 --namespace unet -o extracted.safetensors
@@ -49,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--keys", action="store_true", help="list every targeted module")
     ins.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (only if trusted)")
 
+    conv = sub.add_parser("convert", help="rewrite a LoRA file as diffusers/PEFT or kohya (factors and alphas as is)")
+    conv.add_argument("input", help="a LoRA .safetensors file")
+    conv.add_argument("output", help="the .safetensors file to write")
+    conv.add_argument("--to", required=True, choices=("diffusers", "kohya"), help="format to write")
+    conv.add_argument("--model", help="a diffusers pipeline folder, or sd1/sdxl/flux for the reference architecture "
+                                      "(default: guessed from the file)")
     _add_merge_parsers(sub)
 
     demo = sub.add_parser("demo", help="run the LoRA API end to end (embedded tiny pipeline, or --model)")
@@ -299,6 +307,16 @@ def cmd_extract(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(summary_table("lorakit extract", rows + _report_rows(report, args.output, seconds)))
     if args.layers:
         out.print(layers_table(report))
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .convert import convert_file
+
+    report = convert_file(args.input, args.output, to=args.to, model=args.model)
+    out.print(summary_table("Converted", [
+        ("from", f"{report.source} ({report.source_format})"), ("to", f"{report.output} ({report.to})"),
+        ("family", str(report.family)), ("modules", _counts(report.components)), ("tensors", f"{report.tensors:,}")]))
     return EXIT_OK
 
 
@@ -400,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args, out)
-        commands = {"merge": cmd_merge, "resize": cmd_resize, "extract": cmd_extract, "demo": cmd_demo}
+        commands = {"convert": cmd_convert, "merge": cmd_merge, "resize": cmd_resize, "extract": cmd_extract,
+                    "demo": cmd_demo}
         return commands[args.command](args, out, err)
     except LoraError as exc:
         # soft_wrap: never break a path in the message across lines

@@ -39,6 +39,9 @@ _ARCHITECTURES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3")
                   ("stable-diffusion-v1", "sd1"), ("flux", "flux"))
 # Key fragments that only one family's files contain.
 _KEY_FAMILIES = ((re.compile(r"(^|[._])lora_te[12]_"), "sdxl", "lora_te1_/lora_te2_"),
+                 (re.compile(r"img_mlp[._]fc1|img_mod[._]linear|individual_token_refiner"), "hunyuan-video",
+                  "img_mlp.fc1/img_mod.linear/individual_token_refiner"),
+                 (re.compile(r"(^|[._])blocks[._]\d+[._](self|cross)_attn[._]"), "wan", "blocks.N.self_attn/cross_attn"),
                  (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), "flux",
                   "double_blocks/single_(transformer_)blocks"),
                  (re.compile(r"joint_blocks"), "sd3", "joint_blocks"))

@@ -234,6 +234,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt", **dict(metadata)})
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        where = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if where in seen else v  # safetensors refuses shared storage (a split layer's down)
+        seen.add(where)
+    save_file(out, str(path), metadata={"format": "pt", **dict(metadata)})
     return path

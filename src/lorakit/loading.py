@@ -6,6 +6,7 @@ Splitting the two is what keeps a failed load from leaving a model half-changed:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -16,9 +17,18 @@ import torch
 
 from .adapter import Adapter, WeightDelta
 from .errors import LoraKeyError, LoraShapeError, preview
+from .families import model_family
 from .formats import ModuleKeys, ParsedKeys, parse_keys
 from .formats.build import build_delta, check_shapes
+from .formats.split import fused_module, split_delta
 from .io import LoraSource
+from .keymaps import (
+    NAMESPACE_ALIASES,
+    Target,
+    comfy_text_encoder,
+    map_key,
+    strip_original_prefix,
+)
 from .state import ComponentState
 
 DENOISER_ALIASES = (None, "unet", "transformer")
@@ -30,6 +40,9 @@ class PlannedModule:
     path: str
     keys: ModuleKeys
     alpha: float | None
+    rows: tuple[int, int] | None = None  # output rows of a fused file layer that this module takes
+    total_rows: int = 0  # outputs of that fused layer
+    swap_halves: bool = False
 
 
 @dataclass
@@ -107,23 +120,34 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     alphas = peft_alphas(source.metadata)
     shapes = {k: v.shape for k, v in source.infos.items()}
     shape_errors: list[str] = []
+    family = model_family({n: s.model for n, s in states.items()})
+    entries = [_comfy_text_encoder(e, family) for e in parsed.modules]
     # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
-    unprefixed = all(e.namespace is None for e in parsed.modules)
-    for entry in parsed.modules:
-        comp = _route(entry.namespace, states, scope, prefix, unprefixed)
+    unprefixed = all(e.namespace is None for e in entries)
+    _refuse_unsupported(source.name, list(source.infos))
+    taken: dict[tuple[str, str], str] = {}
+    aliases = NAMESPACE_ALIASES.get(family or "", {})
+    for entry in entries:
+        namespace = entry.namespace if entry.namespace in states else aliases.get(entry.namespace, entry.namespace)
+        comp = _route(namespace, states, scope, prefix, unprefixed)
         if comp is False:
             plan.ignored.extend(entry.fields.values())
             continue
-        path = states[comp].index.resolve(entry) if comp is not None else None
-        if path is None:
+        targets = resolve_targets(entry, states[comp], family) if comp is not None else None
+        if targets is None:
             plan.unmatched.extend(entry.fields.values())
             continue
-        module = states[comp].index.modules[path]
-        problem = check_shapes(entry, shapes, module)
-        if problem:
-            shape_errors.append(f"{entry.display} -> {comp}.{path}: {problem}")
+        planned = _plan_targets(entry, comp, states[comp], targets, shapes)
+        if isinstance(planned, str):
+            shape_errors.append(planned)
             continue
-        plan.modules.append(PlannedModule(comp, path, entry, _alpha_for(path, entry.namespace, alphas)))
+        for m in planned:
+            if (comp, m.path) in taken:
+                raise LoraKeyError(f"{source.name}: {entry.display} and {taken[comp, m.path]} both target "
+                                   f"{comp}.{m.path}; a file may hold one LoRA per module. Nothing was loaded.")
+            taken[comp, m.path] = entry.display
+            m.alpha = _alpha_for(m.path, entry.namespace, alphas)
+            plan.modules.append(m)
     name = source.name
     if shape_errors:
         raise LoraShapeError(f"{name}: {len(shape_errors)} module(s) do not fit this model, e.g. "
@@ -133,8 +157,8 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     if unusable and strict:
         where = ", ".join(f"{n}: {type(s.model).__name__}" for n, s in states.items())
         raise LoraKeyError(f"{name}: {len(unusable)} key(s) match no module of the model ({where}): "
-                           f"{preview(unusable, 5)}. Check the LoRA is made for this model, or pass strict=False "
-                           f"to load the rest. Nothing was loaded.")
+                           f"{preview(unusable, 5)}.{_diff_note(unusable)} Check the LoRA is made for this model, or "
+                           f"pass strict=False to load the rest. Nothing was loaded.")
     if unusable:
         warnings.warn(f"{name}: skipped {len(unusable)} key(s) that match no module: {preview(unusable, 5)}.",
                       stacklevel=3)
@@ -149,14 +173,78 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     return plan
 
 
+def _comfy_text_encoder(entry: ModuleKeys, family: str | None) -> ModuleKeys:
+    """ComfyUI's ``text_encoders.clip_l.transformer.…`` keys, read as the text encoder's own."""
+    found = comfy_text_encoder(entry.key, family) if entry.namespace is None else None
+    return entry if found is None else dataclasses.replace(entry, namespace=found[0], key=found[1])
+
+
+def _plan_targets(entry: ModuleKeys, comp: str, state: ComponentState, targets: list[Target],
+                  shapes: Mapping[str, tuple[int, ...]]) -> list[PlannedModule] | str:
+    """The planned modules of one file module, or why its tensors do not fit (several targets: checked as the fused
+    layer they were cut from)."""
+    modules = [state.index.modules[t.path] for t in targets]
+    where = f"{entry.display} -> {comp}.{'+'.join(t.path for t in targets)}"
+    try:
+        module = modules[0] if len(modules) == 1 else fused_module(modules)
+    except ValueError as exc:
+        return f"{where}: {exc}"
+    problem = check_shapes(entry, shapes, module)
+    if problem:
+        return f"{where}: {problem}"
+    total = int(module.weight.shape[0])
+    return [PlannedModule(comp, t.path, entry, None, t.rows, total, t.swap_halves) for t in targets]
+
+
+def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None) -> list[Target] | None:
+    """Where a file module goes: its own name, the name without an original-checkpoint prefix
+    (``diffusion_model.``), or the family's key map (keymaps.py), which may split a fused layer over several."""
+    index = state.index
+    path = index.resolve(entry)
+    if path is None and entry.style == "dotted":
+        path = index.dotted.get(strip_original_prefix(entry.key))
+    if path is not None:
+        return [Target(path)]
+    if state.is_text_encoder:
+        return None
+    return map_key(entry.key, family, index.modules)
+
+
+# Key fragments of files that change more than weights (diffusers' FluxControl LoRAs): refused with the reason.
+_CONTROL_KEYS = ("query_norm.scale", "key_norm.scale")
+
+
+def _diff_note(keys: list[str]) -> str:
+    """Why ``.diff``/``.diff_b`` tensors (ComfyUI/Wan full-weight and bias differences) do not load."""
+    diffs = [k for k in keys if k.endswith((".diff", ".diff_b"))]
+    if not diffs:
+        return ""
+    return (f" {len(diffs)} of them are full weight/bias differences (.diff, .diff_b) whose shapes or names fit no "
+            f"layer of this model.")
+
+
+def _refuse_unsupported(name: str, keys: list[str]) -> None:
+    if any(k.endswith(_CONTROL_KEYS) for k in keys):
+        raise LoraKeyError(f"{name}: a FLUX Control LoRA (BFL; keys like 'double_blocks.0.img_attn.norm.query_norm.scale'"
+                           f"). Besides LoRA factors it replaces the q/k norm scales, adds LoRA biases and widens "
+                           f"x_embedder from 64 to 128 input channels (diffusers zero-pads that layer and restores it "
+                           f"on unload). lorakit applies weight deltas only and does not load it: use diffusers+PEFT "
+                           f"with FluxControlPipeline. Nothing was loaded.")
+
+
 def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState],
-                  tensors: Mapping[str, torch.Tensor]) -> Adapter:
-    """Build each module's delta on its target's device and dtype."""
+                  tensors: Mapping[str, torch.Tensor], *, place: bool = True) -> Adapter:
+    """Build each module's delta on its target's device and dtype (as read, with ``place=False``: conversions)."""
     layers: dict[str, dict[str, WeightDelta]] = {}
+    built: dict[int, WeightDelta] = {}  # a fused file layer is built once and split over its targets
     for m in plan.modules:
         weight = states[m.component].index.modules[m.path].weight
-        delta = build_delta(m.keys, tensors.__getitem__, m.alpha)
-        delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        whole = built.get(id(m.keys))
+        if whole is None:
+            whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha)
+        delta = split_delta(whole, m.rows, m.total_rows, m.swap_halves)
+        if place:
+            delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
     return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
                    metadata=dict(plan.source.metadata))

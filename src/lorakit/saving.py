@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from .errors import AdapterError, LoraError
+from .families import model_family
 from .formats.write import METADATA_KEY, to_peft
+from .formats.write_kohya import to_kohya
 from .io import save_safetensors
 
 if TYPE_CHECKING:
@@ -40,21 +42,32 @@ def _target(save_directory: str | os.PathLike, weight_name: str | None) -> Path:
 
 def save_lora_adapter(self: "LoraManager", save_directory: str | os.PathLike, adapter_name: str | None = None, *,
                       weight_name: str | None = None, components: Sequence[str] | None = None,
-                      upcast_before_saving: bool = False, safe_serialization: bool = True) -> Path:
-    """Write one adapter in diffusers/PEFT format (safetensors with ``lora_adapter_metadata``); returns the path.
+                      upcast_before_saving: bool = False, safe_serialization: bool = True,
+                      format: str = "diffusers") -> Path:
+    """Write one adapter in diffusers/PEFT format (safetensors with ``lora_adapter_metadata``), or with
+    ``format="kohya"`` in kohya format (``lora_unet_``/``lora_te1_`` names, per-module alpha); returns the path.
 
-    Called on a pipeline (or the manager) keys carry component prefixes (``unet.``, ``text_encoder.``) as
+    Called on a pipeline (or the manager) diffusers keys carry component prefixes (``unet.``, ``text_encoder.``) as
     ``save_lora_weights`` files do; called on one model they do not, as diffusers' model-level method writes.
 
     Example:
         >>> pipe.save_lora_adapter("out", adapter_name="style")  # doctest: +SKIP
         PosixPath('out/pytorch_lora_weights.safetensors')
+        >>> pipe.save_lora_adapter("style_kohya.safetensors", adapter_name="style", format="kohya")  # doctest: +SKIP
     """
     if not safe_serialization:
         raise LoraError("save: lorakit writes safetensors only (pickle files can run code when loaded).")
+    if format not in ("diffusers", "kohya"):
+        raise LoraError(f"save: format must be 'diffusers' or 'kohya', found {format!r}.")
     name = _pick_adapter(self, adapter_name)
     adapter = self.adapters[name]
     comps = [c for c in (components or adapter.components) if c in adapter.layers]
+    if format == "kohya":
+        models = {c: self.states[c].model for c in comps}
+        denoisers = tuple(c for c in comps if not self.states[c].is_text_encoder)
+        family = model_family({n: s.model for n, s in self.states.items()})
+        tensors, metadata = to_kohya(adapter, models, comps, family, denoisers)
+        return save_safetensors(tensors, _target(save_directory, weight_name), metadata)
     modules = {c: {p: self.states[c].layers[p].module for p in adapter.layers[c]} for c in comps}
     tensors, metadata = to_peft(adapter, modules, comps, prefixed=components is None)
     if upcast_before_saving:

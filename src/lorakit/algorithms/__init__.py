@@ -30,7 +30,11 @@ INCOMPLETE = "incomplete"
 
 
 def detect(names: set[str]) -> tuple[Algorithm, str | None] | None:
-    """(algorithm, DoRA field or None) for a module's field names (``alpha`` excluded), or None if none fits."""
+    """(algorithm, DoRA field or None) for a module's field names (``alpha`` excluded), or None if none fits.
+
+    A ``diff_b`` beside another algorithm's fields is that algorithm's bias delta (:func:`with_bias` says so)."""
+    if with_bias(names):
+        names = names - {"diff_b"}
     mag = names & dora.FIELDS
     rest = names - dora.FIELDS
     if len(mag) > 1 or not rest:
@@ -43,13 +47,18 @@ def detect(names: set[str]) -> tuple[Algorithm, str | None] | None:
     return None
 
 
+def with_bias(names: set[str]) -> bool:
+    """Whether ``diff_b`` rides along another algorithm (rather than being a full delta on its own)."""
+    return "diff_b" in names and bool(names - full.FULL.fields - {"alpha"})
+
+
 def name_of(names: set[str]) -> str:
     """The algorithm's display name (``lora``, ``loha+dora``, ...) or ``incomplete``."""
     found = detect(set(names) - {"alpha"})
     if found is None:
         return INCOMPLETE
     algo, mag = found
-    return algo.name + ("+dora" if mag else "")
+    return algo.name + ("+dora" if mag else "") + ("+diff_b" if with_bias(set(names)) else "")
 
 
 def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
@@ -59,9 +68,13 @@ def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
     if found is None:
         return f"holds fields {sorted(shapes)}, which are not a known algorithm"
     algo, mag = found
-    problem = algo.check({k: v for k, v in shapes.items() if k not in dora.FIELDS}, module)
+    bias = with_bias(set(shapes))
+    problem = algo.check({k: v for k, v in shapes.items() if k not in dora.FIELDS and not (bias and k == "diff_b")},
+                         module)
     if problem is None and mag is not None:
         problem = dora.check(mag, shapes[mag], module)
+    if problem is None and bias:
+        problem = full.check_bias(shapes["diff_b"], module)
     return problem
 
 
@@ -71,8 +84,11 @@ def build(tensors: dict[str, torch.Tensor], alpha: float | None) -> WeightDelta:
     if found is None:
         raise ValueError(f"fields {sorted(tensors)} are not a known algorithm")
     algo, mag = found
-    delta = algo.build({k: v for k, v in tensors.items() if k not in dora.FIELDS}, alpha)
-    return dora.wrap(delta, mag, tensors[mag]) if mag else delta
+    bias = with_bias(set(tensors))
+    delta = algo.build({k: v for k, v in tensors.items() if k not in dora.FIELDS and not (bias and k == "diff_b")},
+                       alpha)
+    delta = dora.wrap(delta, mag, tensors[mag]) if mag else delta
+    return full.BiasAdded(delta, tensors["diff_b"]) if bias else delta
 
 
 def describe(shapes: Mapping[str, Shape]) -> tuple[str, int | str, tuple[int, int]]:
@@ -85,7 +101,9 @@ def describe(shapes: Mapping[str, Shape]) -> tuple[str, int | str, tuple[int, in
         return INCOMPLETE, INCOMPLETE, (0, 0)
     algo, mag = found
     name = "boft" if algo.name == "oft" and len(shapes.get("oft_blocks", ())) == 4 else algo.name
-    return name + ("+dora" if mag else ""), algo.rank(shapes), tuple(int(x) for x in algo.shape(shapes))
+    name += ("+dora" if mag else "") + ("+diff_b" if with_bias(set(shapes)) else "")
+    shapes = {k: v for k, v in shapes.items() if not (k == "diff_b" and with_bias(set(shapes)))}
+    return name, algo.rank(shapes), tuple(int(x) for x in algo.shape(shapes))
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "build", "check", "describe", "detect", "name_of"]
+__all__ = ["ALGORITHMS", "Algorithm", "build", "check", "describe", "detect", "name_of", "with_bias"]

@@ -41,6 +41,58 @@ class FullWeights(WeightDelta):
         return None if self.diff_b is None else self.diff_b.to(dtype)
 
 
+@dataclass
+class BiasAdded(WeightDelta):
+    """Another algorithm's delta with a ``diff_b`` bias delta on the same layer (Wan LoRAs from musubi-tuner and
+    ComfyUI carry one beside ``lora_down``/``lora_up``). The bias is added times the user's weight only, as LyCORIS
+    and ComfyUI do: alpha / rank does not apply to it."""
+
+    inner: WeightDelta
+    diff_b: torch.Tensor
+
+    @property
+    def additive(self) -> bool:  # type: ignore[override]
+        return self.inner.additive
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    def low_rank(self) -> None:
+        return None  # merged layer by layer, so the bias is written with the weight (batched merges weights only)
+
+    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.inner.unscaled_delta(shape, dtype)
+
+    def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        return self.inner.apply(weight, multiplier)
+
+    def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        # the engine multiplies by (user weight x scale); the bias takes the user weight alone
+        return self.diff_b.to(dtype) / self.scale
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.tensors(), "diff_b": self.diff_b}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BiasAdded:
+        self.inner.to(device, dtype)
+        self.diff_b = self.diff_b.to(device=device, dtype=dtype)
+        return self
+
+
+def check_bias(shape: Shape, module: nn.Module) -> str | None:
+    """Why a ``diff_b`` of this shape cannot go with another algorithm on ``module``, or None."""
+    return _check("diff", "diff_b", FULL_TYPES, {"diff_b": shape}, module)
+
+
 def _check(weight_field: str, bias_field: str, types: tuple, shapes: Mapping[str, Shape],
            module: nn.Module) -> str | None:
     if not isinstance(module, types) or getattr(module, "weight", None) is None:

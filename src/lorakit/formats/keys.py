@@ -64,6 +64,9 @@ GENERIC_SUFFIXES = {".weight"}  # only after a kohya module key (no dot), where 
 # Old diffusers attention processors: "<attn>.processor.to_q_lora.down.weight" targets "<attn>.to_q".
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|"
                         r"to_add_out)_lora\.(?P<field>down|up)\.weight$")
+# XLabs Flux processors: "double_blocks.0.processor.qkv_lora1.down.weight" (fused qkv; mapped in keymaps.py).
+_XLABS = re.compile(r"^(?P<module>.*(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)\."
+                    r"(?P<field>down|up)\.weight$")
 
 # Namespaces: which component of a pipeline a key belongs to. None = the model being loaded into / the denoiser.
 DOTTED_NAMESPACES = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -75,6 +78,8 @@ KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (  # longest first: lora_te1_ befo
     ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
     ("oft_unet_", "unet"),  # kohya networks/oft.py
+    ("lora_transformer_", "transformer"),  # OneTrainer
+    ("lycoris_", "transformer"),  # SimpleTuner LyCORIS
 )
 
 
@@ -137,6 +142,9 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     if m:
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
         return f"{m['attn']}.{proj}", m["field"], "diffusers_legacy"
+    m = _XLABS.match(key)
+    if m:
+        return m["module"], m["field"], "xlabs"
     for suffix, fld, fmt in SUFFIXES:
         if key.endswith(suffix):
             if suffix in GENERIC_SUFFIXES and "." in key[: -len(suffix)]:

@@ -48,7 +48,8 @@ def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]] | N
         for path, delta in sorted(adapter.layers.get(comp, {}).items()):
             if not isinstance(delta, LoraWeights):
                 raise LoraError(f"save: adapter {adapter.name!r} holds a {type(delta).__name__} at {comp}.{path}, "
-                                f"which the diffusers/PEFT LoRA format cannot represent.")
+                                f"which the diffusers/PEFT LoRA format cannot represent; save it as kohya instead "
+                                f"(`lorakit convert IN OUT --to kohya`).")
             up, down = delta.up, delta.down
             if delta.mid is not None:  # fold the Tucker core: down [r, in, kh, kw]
                 down = torch.einsum("mnkl,nj->mjkl", delta.mid.float(), down.flatten(1).float()).to(down.dtype)

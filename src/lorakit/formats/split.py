@@ -1,0 +1,74 @@
+"""One file module onto several diffusers modules: fused layers (qkv, linear1) split by output rows, and adaLN
+halves swapped, exactly.
+
+A LoRA ``up @ down`` restricted to output rows ``[a, b)`` is ``up[a:b] @ down``: each target keeps the file's
+``down``, its rank and its alpha, so scale and product are those of the file. Other algorithms (LoKr...) are wrapped
+in :class:`RowSliceDelta`, which takes the rows of the full delta.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter import LoraWeights, WeightDelta
+
+
+def fused_module(modules: list[nn.Module]) -> nn.Module:
+    """A weightless stand-in for the fused layer the file was made for (outputs of ``modules`` stacked), for shape
+    checks. Every part must be a Linear with the same inputs."""
+    ins = {int(m.weight.shape[1]) for m in modules}
+    if not all(isinstance(m, nn.Linear) for m in modules) or len(ins) != 1:
+        raise ValueError("fused targets must be Linear layers with the same input width")
+    rows = sum(int(m.weight.shape[0]) for m in modules)
+    return nn.Linear(ins.pop(), rows, bias=False, device="meta")
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]], 0)
+
+
+class RowSliceDelta(WeightDelta):
+    """Rows ``[start, stop)`` of another delta (optionally with its two halves swapped), for non-low-rank algorithms
+    on fused layers. Alpha, rank and scale are the inner delta's."""
+
+    def __init__(self, inner: WeightDelta, rows: tuple[int, int] | None, total_rows: int, swap_halves: bool = False):
+        self.inner, self.rows, self.total_rows, self.swap_halves = inner, rows, total_rows, swap_halves
+
+    @property
+    def alpha(self) -> float | None:  # type: ignore[override]
+        return self.inner.alpha
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        full = self.inner.unscaled_delta((self.total_rows, *shape[1:]), dtype)
+        if self.swap_halves:
+            full = _swap(full)
+        return full if self.rows is None else full[self.rows[0]:self.rows[1]]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.tensors()
+
+    def to(self, device=None, dtype=None) -> RowSliceDelta:
+        self.inner.to(device=device, dtype=dtype)
+        return self
+
+
+def split_delta(delta: WeightDelta, rows: tuple[int, int] | None, total_rows: int, swap_halves: bool) -> WeightDelta:
+    """The part of ``delta`` (made for a layer with ``total_rows`` outputs) that one target module receives."""
+    if rows is None and not swap_halves:
+        return delta
+    if isinstance(delta, LoraWeights):
+        up = _swap(delta.up) if swap_halves else delta.up
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
+        return LoraWeights(down=delta.down, up=up, alpha=delta.alpha, mid=delta.mid)
+    return RowSliceDelta(delta, rows, total_rows, swap_halves)
