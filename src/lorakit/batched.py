@@ -99,6 +99,8 @@ def can_restore(layer: LayerState) -> bool:
 
 def restore(layers: list[LayerState]) -> None:
     """Copy every layer's backup back into its weight (bit-exact), many tensors per kernel."""
+    if not layers:
+        return
     torch._foreach_copy_([layer.weight.detach() for layer in layers], [layer.base for layer in layers])
     for layer in layers:
         layer.applied = ()

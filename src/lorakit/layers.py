@@ -166,6 +166,12 @@ class LayerState:
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._run_branch)
 
+    def attach_branch(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, structure: tuple) -> None:
+        """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
+        self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
+        if self._hook is None:
+            self._hook = self.module.register_forward_hook(self._run_branch)
+
     def _run_branch(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.branch is None:
             return output

@@ -63,7 +63,28 @@ class SwitchPlan:
     restores: list[LayerState] = field(default_factory=list)
     branches: list[_BranchBuffer] = field(default_factory=list)
     branch_singles: list[tuple[int, LayerState, list[Slot]]] = field(default_factory=list)
+    # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
+    branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
     fresh: bool = True
+
+    @property
+    def pure_branch(self) -> bool:
+        """Nothing merged into any weight: the plan can be set aside and made current again (see reactivate)."""
+        return not (self.chunks or self.singles or self.restores or self.branch_singles)
+
+    def reactivate(self, layers: list[LayerState]) -> None:
+        """Make this pure-branch plan current again: its stacked factors and scale views go back on its layers
+        (no restacking), and every other layer's branch is dropped. Used when the adapter set switches back."""
+        mine = {id(layer) for layer, *_ in self.branch_state}
+        held = [layer for layer in layers if layer.applied != ()]  # merged by another plan (a fuse, say): restore
+        batched.restore([layer for layer in held if batched.can_restore(layer)])
+        for layer in held:
+            layer.write([])  # the rest, one by one (a no-op for those just restored)
+        for layer in layers:
+            if layer.branch is not None and id(layer) not in mine:
+                layer.set_branch([])
+        for layer, branch, scale, structure in self.branch_state:
+            layer.attach_branch(branch, scale, structure)
 
     @torch.no_grad()
     def run(self, factors: Sequence[float | None], per_path: dict[int, list[float]]) -> None:
@@ -199,3 +220,4 @@ def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[
             offset += n
         plan.branches.append(_BranchBuffer(buffer, torch.tensor(rows), torch.tensor(cols),
                                            torch.tensor(static, dtype=torch.float64)))
+        plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_applied) for _, layer, _ in members]

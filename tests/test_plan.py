@@ -1,0 +1,90 @@
+"""Switch plans: multiplier-only switches (weights, block weights, call-time scales) rerun a plan; the weights they
+leave equal those of layer-by-layer writes, branch mode agrees with merge mode, structure changes skip layers that
+already hold their contributions, and unload is still bit-exact."""
+
+import torch
+
+import lorakit
+from helpers import assert_close, family, lora_state_dict, outputs, params
+from lorakit import batched
+
+STEPS = [
+    ("two adapters", lambda p: p.set_adapters(["a", "b"], [0.7, 0.3])),
+    ("new weights", lambda p: p.set_adapters(["a", "b"], [0.2, 0.9])),
+    ("block weights", lambda p: p.set_adapters(["a", "b"], [{"unet": {"down": 0.4, "up": {"block_1": [0.1, 1.5, 0.6]}},
+                                                              "text_encoder": 0.5}, -0.8])),
+    ("back to uniform", lambda p: p.set_adapters(["a", "b"], [1.1, 0.3])),
+    ("fuse a", lambda p: p.fuse_lora(adapter_names=["a"], lora_scale=0.6)),
+    ("unfuse: back to an adapter set seen before", lambda p: p.unfuse_lora()),
+    ("fuse a again", lambda p: p.fuse_lora(adapter_names=["a"], lora_scale=0.6)),
+    ("weights with a fused", lambda p: p.set_adapters(["b", "c"], [0.5, 0.25])),
+    ("unfuse", lambda p: p.unfuse_lora()),
+    ("disable", lambda p: p.disable_lora()),
+    ("enable", lambda p: p.enable_lora()),
+    ("delete b", lambda p: p.delete_adapters("b")),
+    ("weights after delete", lambda p: p.set_adapters(["a", "c"], [0.9, 0.45])),
+]
+
+
+def _pipeline(fam, mode, devices, monkeypatch):
+    monkeypatch.setattr(batched, "DEVICES", devices)  # decides, at each plan build, which layers merge in chunks
+    pipe = fam.build()
+    lorakit.attach(pipe, mode=mode)
+    for i, name in enumerate("abc"):
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, 10 + i, rank=2 + i, convs=True), adapter_name=name)
+    return pipe
+
+
+def test_plans_match_layer_by_layer_writes_and_branch_mode(monkeypatch):
+    fam = family("sd15")
+    setups = {"chunks": ("merge", ("cpu",)), "layers": ("merge", ()), "branch": ("branch", ())}
+    pipes = {name: _pipeline(fam, mode, devices, monkeypatch) for name, (mode, devices) in setups.items()}
+    base = params(family("sd15").build().unet)
+    for what, step in STEPS:
+        for name, pipe in pipes.items():
+            monkeypatch.setattr(batched, "DEVICES", setups[name][1])
+            step(pipe)
+        chunks, layers = pipes["chunks"].unet, pipes["layers"].unet
+        for key, p in chunks.named_parameters():
+            assert torch.allclose(p, layers.get_parameter(key), atol=1e-6, rtol=0), f"{what}: {key}"
+        assert_close(outputs(pipes["branch"], fam), outputs(pipes["chunks"], fam), atol=1e-4, what=what)
+    for pipe in pipes.values():
+        pipe.unload_lora_weights()
+        assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_call_time_scale_reruns_the_plan(monkeypatch):
+    """A pipeline call's scale is a multiplier-only switch: outputs equal those at set_adapters(weight x scale)."""
+    fam = family("sd15")
+    pipe = _pipeline(fam, "merge", ("cpu",), monkeypatch)
+    pipe.set_adapters(["a", "b"], [0.8, 0.4])
+    scaled = outputs(pipe, fam, cross_attention_kwargs={"scale": 0.5})["denoiser"]
+    pipe.set_adapters(["a", "b"], [0.4, 0.2])
+    assert (outputs(pipe, fam)["denoiser"] - scaled).abs().max().item() <= 1e-5
+
+
+def test_structure_changes_skip_layers_that_already_hold_their_contributions(monkeypatch):
+    """fuse_lora of the active adapters at their current weights leaves every weight as it is: no layer is
+    rewritten; nor is any when an inactive adapter is deleted."""
+    fam = family("sd15")
+    pipe = _pipeline(fam, "merge", ("cpu",), monkeypatch)
+    pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    pipe.set_adapters(["a", "b"], [0.6, 0.2])  # a plan run: layers now say "written by a plan"
+    written = []
+    real = batched.merge_chunk
+    monkeypatch.setattr(batched, "merge_chunk", lambda chunk, mults: (written.append(chunk), real(chunk, mults)))
+
+    def weights():
+        return {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
+
+    before = weights()
+    pipe.delete_adapters("c")
+    assert written == [] and all(torch.equal(v, before[k]) for k, v in pipe.unet.named_parameters())
+    pipe.set_adapters(["a", "b"], [0.5, 0.2])
+    assert written, "a change of weights rewrites the layers"
+    written.clear()
+    before = weights()
+    pipe.fuse_lora(adapter_names=["a", "b"])
+    assert written == [] and all(torch.equal(v, before[k]) for k, v in pipe.unet.named_parameters())
+    pipe.unfuse_lora()
+    assert written == [] and all(torch.equal(v, before[k]) for k, v in pipe.unet.named_parameters())
