@@ -183,6 +183,8 @@ def test_sources_unchanged_and_errors():
         merge_adapters([a, b], [1.0, 1.0], "m", "average")
     with pytest.raises(LoraError, match="one weight per adapter"):
         merge_adapters([a, b], [1.0], "m", "svd")
+    with pytest.raises(LoraError, match="one number per adapter"):
+        merge_adapters([a, b], 0.5, "m", "svd")
 
 
 def test_lokr_full_delta_for_svd_methods_error_for_factor_methods():

@@ -234,7 +234,7 @@ class LoraManager:
         scope = {s.name for s in states}
         inputs = [Adapter(n, {c: m for c, m in self.adapters[n].layers.items() if c in scope}) for n in names]
         shape_of = lambda comp, path, ds: tuple(self.states[comp].index.modules[path].weight.shape)  # noqa: E731
-        merged, report = merge_adapters(inputs, list(weights), adapter_name, combination_type, shape_of=shape_of,
+        merged, report = merge_adapters(inputs, weights, adapter_name, combination_type, shape_of=shape_of,
                                         density=density, majority_sign_method=majority_sign_method,
                                         svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed)
         self._register(merged, activate=False)

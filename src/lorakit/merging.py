@@ -88,6 +88,8 @@ class MergeReport:
 def _check_merge(adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float | None) -> str:
     if not adapters:
         raise LoraError("add_weighted_adapter: give at least one adapter to merge.")
+    if not isinstance(weights, Sequence) or isinstance(weights, str):
+        raise LoraError(f"add_weighted_adapter: weights must be a list with one number per adapter, found {weights!r}.")
     if len(weights) != len(adapters):
         raise LoraError(f"add_weighted_adapter: {len(adapters)} adapter(s) but {len(weights)} weight(s); give one "
                         f"weight per adapter.")
