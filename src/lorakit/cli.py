@@ -307,6 +307,7 @@ def cmd_extract(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(summary_table("lorakit extract", rows + _report_rows(report, args.output, seconds)))
     if args.layers:
         out.print(layers_table(report))
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------ convert
