@@ -71,6 +71,32 @@ class WeightDelta(ABC):
         return self
 
 
+class WrappedDelta(WeightDelta):
+    """A delta built around another (``inner``): DoRA, a row slice of a fused layer, a bias riding along. Alpha,
+    rank and scale are the inner delta's unless a subclass says otherwise; moving moves the inner delta too."""
+
+    inner: WeightDelta
+
+    @property
+    def alpha(self) -> float | None:  # type: ignore[override]
+        return self.inner.alpha
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WrappedDelta:
+        self.inner.to(device, dtype)
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device=device, dtype=dtype))
+        return self
+
+
 @dataclass
 class LoraWeights(WeightDelta):
     """LoRA / LoCon factors: ``up @ down`` (Linear, 1x1 and kxk convs), with an optional Tucker core."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import WeightDelta
+from ..adapter import WeightDelta, WrappedDelta
 from .base import Shape, numel, weight_dims
 
 FIELDS = frozenset({"dora_scale", "magnitude"})
@@ -48,21 +48,13 @@ def check(field: str, shape: Shape, module: nn.Module) -> str | None:
 
 
 @dataclass
-class DoraWeights(WeightDelta):
+class DoraWeights(WrappedDelta):
     """Any additive delta (``inner``) with a DoRA magnitude; ``layout`` is one of :data:`LAYOUTS`."""
 
     inner: WeightDelta
     magnitude: torch.Tensor
     layout: str = "out"
     additive = False
-
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
-
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
 
     @property
     def scale(self) -> float:
@@ -93,10 +85,6 @@ class DoraWeights(WeightDelta):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"magnitude": self.magnitude, **{f"inner.{k}": v for k, v in self.inner.tensors().items()}}
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DoraWeights:
-        self.inner.to(device, dtype)
-        self.magnitude = self.magnitude.to(device=device, dtype=dtype)
-        return self
 
 
 def wrap(inner: WeightDelta, field: str, magnitude: torch.Tensor) -> DoraWeights:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import WeightDelta
+from ..adapter import WeightDelta, WrappedDelta
 from .base import NORM_TYPES, Algorithm, Shape, numel
 
 FULL_TYPES = (nn.Linear, nn.Conv2d, *NORM_TYPES)
@@ -42,7 +42,7 @@ class FullWeights(WeightDelta):
 
 
 @dataclass
-class BiasAdded(WeightDelta):
+class BiasAdded(WrappedDelta):
     """Another algorithm's delta with a ``diff_b`` bias delta on the same layer (Wan LoRAs from musubi-tuner and
     ComfyUI carry one beside ``lora_down``/``lora_up``). The bias is added times the user's weight only, as LyCORIS
     and ComfyUI do: alpha / rank does not apply to it."""
@@ -53,18 +53,6 @@ class BiasAdded(WeightDelta):
     @property
     def additive(self) -> bool:  # type: ignore[override]
         return self.inner.additive
-
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
-
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def scale(self) -> float:
-        return self.inner.scale
 
     def low_rank(self) -> None:
         return None  # merged layer by layer, so the bias is written with the weight (batched merges weights only)
@@ -81,11 +69,6 @@ class BiasAdded(WeightDelta):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.inner.tensors(), "diff_b": self.diff_b}
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BiasAdded:
-        self.inner.to(device, dtype)
-        self.diff_b = self.diff_b.to(device=device, dtype=dtype)
-        return self
 
 
 def check_bias(shape: Shape, module: nn.Module) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapter import LoraWeights, WeightDelta
+from ..adapter import LoraWeights, WeightDelta, WrappedDelta
 
 
 def fused_module(modules: list[nn.Module]) -> nn.Module:
@@ -29,24 +29,12 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[half:], t[:half]], 0)
 
 
-class RowSliceDelta(WeightDelta):
+class RowSliceDelta(WrappedDelta):
     """Rows ``[start, stop)`` of another delta (optionally with its two halves swapped), for non-low-rank algorithms
     on fused layers. Alpha, rank and scale are the inner delta's."""
 
     def __init__(self, inner: WeightDelta, rows: tuple[int, int] | None, total_rows: int, swap_halves: bool = False):
         self.inner, self.rows, self.total_rows, self.swap_halves = inner, rows, total_rows, swap_halves
-
-    @property
-    def alpha(self) -> float | None:  # type: ignore[override]
-        return self.inner.alpha
-
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def scale(self) -> float:
-        return self.inner.scale
 
     def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         full = self.inner.unscaled_delta((self.total_rows, *shape[1:]), dtype)
@@ -56,10 +44,6 @@ class RowSliceDelta(WeightDelta):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.inner.tensors()
-
-    def to(self, device=None, dtype=None) -> RowSliceDelta:
-        self.inner.to(device=device, dtype=dtype)
-        return self
 
 
 def split_delta(delta: WeightDelta, rows: tuple[int, int] | None, total_rows: int, swap_halves: bool) -> WeightDelta:
