@@ -72,7 +72,7 @@ def test_structure_changes_skip_layers_that_already_hold_their_contributions(mon
     pipe.set_adapters(["a", "b"], [0.6, 0.2])  # a plan run: layers now say "written by a plan"
     written = []
     real = batched.merge_chunk
-    monkeypatch.setattr(batched, "merge_chunk", lambda chunk, mults: (written.append(chunk), real(chunk, mults)))
+    monkeypatch.setattr(batched, "merge_chunk", lambda chunk, *args: (written.append(chunk), real(chunk, *args)))
 
     def weights():
         return {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}

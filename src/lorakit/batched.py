@@ -161,8 +161,9 @@ def _compute_dtype_size(dtype: torch.dtype, device: torch.device) -> int:
     return (dtype if device.type == "cuda" else torch.float32).itemsize
 
 
-def merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
-    """Write ``base + sum_j mults[:, j] * up_j @ down_j`` into every member's weight."""
+def merge_chunk(chunk: _Chunk, mults: torch.Tensor, mark: tuple = PLAN_WRITTEN) -> None:
+    """Write ``base + sum_j mults[:, j] * up_j @ down_j`` into every member's weight; each member's ``applied``
+    becomes its signature, or ``mark`` where the chunk has none (a switch plan's, see plan.py)."""
     members = chunk.members
     first = members[0][0].weight
     shape, cdtype = first.shape, _compute_dtype(first)
@@ -184,4 +185,4 @@ def merge_chunk(chunk: _Chunk, mults: torch.Tensor) -> None:
         # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
         torch._foreach_copy_([layer.weight for layer, _, _ in members], list(acc.to(first.dtype).unbind(0)))
     for layer, _, signature in members:
-        layer.applied = signature if signature is not None else PLAN_WRITTEN
+        layer.applied = signature if signature is not None else mark

@@ -17,8 +17,9 @@ by one, from the same slots.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +28,12 @@ import torch
 from . import batched
 from .adapter import WeightDelta
 from .layers import Contribution, LayerState, _signature
+
+PLAN_MARK = "<written by a switch plan>"
+_MARKS = itertools.count()
+# What a layer holds, as a signature (None: unknown), from its own record or the plan that wrote it.
+Resolver = Callable[[LayerState], tuple | None]
+
 
 class Slot(NamedTuple):
     """One delta on one layer: multiplier = ``static * F[row, col]`` (``col`` -1: the constant column, fused)."""
@@ -65,21 +72,30 @@ class SwitchPlan:
     branch_singles: list[tuple[int, LayerState, list[Slot]]] = field(default_factory=list)
     # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
     branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
+    empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
     fresh: bool = True
+    # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (written())
+    mark: tuple = field(default_factory=lambda: (PLAN_MARK, next(_MARKS)))
 
-    @property
-    def pure_branch(self) -> bool:
-        """Nothing merged into any weight: the plan can be set aside and made current again (see reactivate)."""
-        return not (self.chunks or self.singles or self.restores or self.branch_singles)
-
-    def reactivate(self, layers: list[LayerState]) -> None:
-        """Make this pure-branch plan current again: its stacked factors and scale views go back on its layers
-        (no restacking), and every other layer's branch is dropped. Used when the adapter set switches back."""
-        mine = {id(layer) for layer, *_ in self.branch_state}
-        held = [layer for layer in layers if layer.applied != ()]  # merged by another plan (a fuse, say): restore
+    def reactivate(self, layers: list[LayerState], resolve: Resolver) -> None:
+        """Make this plan current again after others ran (the adapter set switched back): no layout work. Layers it
+        leaves empty are restored where another plan merged something; chunks whose layers no longer hold what
+        this plan last wrote are rewritten at the next run; its stacked branch factors and scale views go back on
+        their layers, and every other branch is dropped."""
+        held = [layer for layer in self.empties if layer.applied != ()]
         batched.restore([layer for layer in held if batched.can_restore(layer)])
         for layer in held:
             layer.write([])  # the rest, one by one (a no-op for those just restored)
+        mine = self.written()
+        for mc in self.chunks:
+            members = [layer for layer, _, _ in mc.chunk.members]
+            if mc.last is not None and all(resolve(layer) == mine[id(layer)] for layer in members):
+                for layer in members:
+                    layer.applied = self.mark  # they hold exactly what this plan last wrote
+            else:
+                mc.last, mc.clean = None, False
+        self.fresh = False
+        mine = {id(layer) for layer, *_ in self.branch_state}
         for layer in layers:
             if layer.branch is not None and id(layer) not in mine:
                 layer.set_branch([])
@@ -121,6 +137,8 @@ class SwitchPlan:
                 continue
             if mc.last is None and mc.clean and self.fresh:
                 mc.last = mults  # the weights already hold exactly this
+                for layer, _, _ in mc.chunk.members:
+                    layer.applied = self.mark
                 continue
             mc.last = mults
             due[mc.chunk.members[0][0].weight.device].append((mc, mults))
@@ -129,8 +147,27 @@ class SwitchPlan:
             moved = torch.cat([m for _, m in items]).float().to(device, non_blocking=True)
             offset = 0
             for mc, mults in items:
-                batched.merge_chunk(mc.chunk, moved[offset:offset + len(mults)])
+                batched.merge_chunk(mc.chunk, moved[offset:offset + len(mults)], self.mark)
                 offset += len(mults)
+
+
+def resolver(plans: list[SwitchPlan]) -> Resolver:
+    """Resolve what layers hold, for layers these plans wrote (a plan no longer kept resolves to None: unknown)."""
+    by_mark = {p.mark: p for p in plans}
+    seen: dict[tuple, dict[int, tuple]] = {}
+
+    def resolve(layer: LayerState) -> tuple | None:
+        applied = layer.applied
+        if len(applied) == 2 and applied[0] == PLAN_MARK:
+            plan = by_mark.get(applied)
+            if plan is None:
+                return None
+            if applied not in seen:
+                seen[applied] = plan.written()
+            return seen[applied].get(id(layer))
+        return applied
+
+    return resolve
 
 
 def _factor_table(n: int, factors: Sequence[float | None], per_path: dict[int, list[float]]) -> torch.Tensor:
@@ -147,15 +184,13 @@ def _contributions(slots: list[Slot], values: list[list[float]], row: int) -> li
 
 
 def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]],
-          factors: Sequence[float | None], per_path: dict[int, list[float]],
-          previous: SwitchPlan | None = None) -> SwitchPlan:
+          factors: Sequence[float | None], per_path: dict[int, list[float]], resolve: Resolver) -> SwitchPlan:
     """Lay out a plan for ``(path, layer, merged slots, branch slots)`` of every layer (nothing is written yet).
 
-    Layers whose weight already holds exactly its merged contributions (by their own record, or by what the
-    ``previous`` plan wrote) are marked clean, so the first run after a structural change (fuse, unfuse, deleting an
+    Layers whose weight already holds exactly its merged contributions (by their own record, or by what the plan
+    that wrote them last wrote: ``resolve``) are marked clean, so the first run after a structural change (fuse, unfuse, deleting an
     adapter that was not active) rewrites only what changed."""
     plan = SwitchPlan(key, [path for path, _, _, _ in items])
-    prior = previous.written() if previous is not None else {}
     table = _factor_table(len(items), factors, per_path)
     values = table.tolist()
     groups: dict[tuple, list[tuple[int, LayerState, list[Slot], list[Contribution], bool]]] = defaultdict(list)
@@ -167,6 +202,7 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
         elif layer.branch is not None:
             layer.set_branch([])
         if not merged:
+            plan.empties.append(layer)
             if layer.applied != () and batched.can_restore(layer):
                 plan.restores.append(layer)
             elif layer.applied != ():
@@ -177,8 +213,7 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
             continue
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
-        applied = prior.get(id(layer), layer.applied) if layer.applied is batched.PLAN_WRITTEN else layer.applied
-        clean = applied == _signature(contributions)
+        clean = resolve(layer) == _signature(contributions)
         groups[batched.group_key(layer, contributions)].append((row, layer, merged, contributions, clean))
     for key_, members in groups.items():
         for part in batched.split(key_, members):

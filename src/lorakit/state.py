@@ -16,7 +16,7 @@ from .scales import ScaleRule
 from .targets import ModuleIndex
 
 MODES = ("merge", "branch")
-KEPT_PLANS = 4  # branch mode: plans of this many recent adapter sets stay ready (their stacked factors cost memory)
+KEPT_PLANS = 4  # plans of this many recent structures stay ready (branch mode: their stacked factors cost memory)
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ class ComponentState:
     version: int = 0  # bumped by the manager whenever layers or their deltas change: a new switch plan is due
     _index: ModuleIndex | None = None
     _plan: plan.SwitchPlan | None = None
-    _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # pure-branch plans set aside, oldest first
+    _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # recent plans, oldest first
 
     @property
     def index(self) -> ModuleIndex:
@@ -131,19 +131,19 @@ class ComponentState:
 
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
-        """A plan for a new structure: one set aside earlier (branch mode, switching back to an adapter set: no
-        Python per layer, no restacking), else a new one."""
+        """A plan for a new structure: one set aside earlier (switching back to an adapter set: no Python per layer,
+        no restacking), else a new one."""
+        resolve = plan.resolver([*self._plans.values(), *([self._plan] if self._plan is not None else [])])
         kept = self._plans.pop(key, None)
         if kept is not None:
-            kept.reactivate(list(self.layers.values()))
+            kept.reactivate(list(self.layers.values()), resolve)
             self._plans[key] = kept
             return kept
-        built = plan.build(key, self._slots(mode == "branch", live, fused), factors, per_path, self._plan)
+        built = plan.build(key, self._slots(mode == "branch", live, fused), factors, per_path, resolve)
         self._plans = {k: p for k, p in self._plans.items() if k[4] == self.version}  # drop plans of old layers
-        if built.pure_branch:
-            self._plans[key] = built
-            while len(self._plans) > KEPT_PLANS:
-                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = built
+        while len(self._plans) > KEPT_PLANS:
+            self._plans.pop(next(iter(self._plans)))
         return built
 
     def _slots(self, branch_mode: bool, live: list[tuple[str, ScaleRule, float | None]],
