@@ -88,3 +88,19 @@ def test_structure_changes_skip_layers_that_already_hold_their_contributions(mon
     assert written == [] and all(torch.equal(v, before[k]) for k, v in pipe.unet.named_parameters())
     pipe.unfuse_lora()
     assert written == [] and all(torch.equal(v, before[k]) for k, v in pipe.unet.named_parameters())
+
+
+def test_unload_frees_the_adapters(monkeypatch):
+    """Plans (current and kept) reference deltas: after unload nothing of lorakit holds them any more."""
+    import gc
+    import weakref
+
+    fam = family("sd15")
+    pipe = _pipeline(fam, "merge", ("cpu",), monkeypatch)
+    pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    pipe.set_adapters(["a", "c"], [0.7, 0.3])
+    manager = pipe._lorakit_manager
+    refs = [weakref.ref(d) for a in manager.adapters.values() for mods in a.layers.values() for d in mods.values()]
+    pipe.unload_lora_weights()
+    gc.collect()
+    assert all(r() is None for r in refs)

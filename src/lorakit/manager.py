@@ -447,6 +447,7 @@ class LoraManager:
             state.fused.clear()
             state.enabled = True
             state.version += 1
+            state.forget_plans()  # they hold the unloaded deltas
 
     # ----------------------------------------------------------------------------------------------- info
     def __repr__(self) -> str:

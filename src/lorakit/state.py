@@ -129,6 +129,10 @@ class ComponentState:
                 self._plan = self._next_plan(key, mode, live, fused, factors, per_path)
             self._plan.run(factors, per_path)
 
+    def forget_plans(self) -> None:
+        """Drop the current and kept switch plans (after unload: they reference the deltas that were unloaded)."""
+        self._plan, self._plans = None, {}
+
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
         """A plan for a new structure: one set aside earlier (switching back to an adapter set: no Python per layer,
