@@ -106,6 +106,15 @@ def _oft(t, w, m):
     return new
 
 
+def _old_glora(t: dict, shape: tuple) -> bool:
+    """ComfyUI's test: factors that fit the old layout, and not the new one unless a2 spans a square weight."""
+    a1, a2, b1, b2 = (t[k].reshape(t[k].shape[0], -1).shape for k in ("a1.weight", "a2.weight", "b1.weight",
+                                                                       "b2.weight"))
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    new = b2[0] == b1[1] == a1[1] == a2[0]
+    return old and (not new or a2[0] == shape[0] == shape[1])
+
+
 def _expected(t: dict, w: torch.Tensor, b: torch.Tensor | None, m: float):
     """(new weight, new bias) of one module at multiplier ``m`` from its raw tensors."""
     shape = tuple(w.shape)
@@ -123,6 +132,10 @@ def _expected(t: dict, w: torch.Tensor, b: torch.Tensor | None, m: float):
         return w + m * _loha(t, shape), b
     if any(k.startswith("lokr_") for k in t):
         return w + m * _lokr(t, shape), b
+    if "a1.weight" in t and _old_glora(t, shape):  # W + m * alpha/r * (W @ a2 @ a1 + b2 @ b1), r = a1 rows
+        w2 = w.reshape(shape[0], -1)
+        diff = w2 @ t["a2.weight"] @ t["a1.weight"] + t["b2.weight"] @ t["b1.weight"]
+        return w + m * _alpha_scale(t, t["a1.weight"].shape[0]) * diff.reshape(shape), b
     if "a1.weight" in t:
         a = t["a1.weight"].flatten(1) @ t["a2.weight"].flatten(1)
         wa = (a.T @ w.transpose(0, 1).reshape(shape[1], -1)).reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)

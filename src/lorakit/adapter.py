@@ -51,6 +51,10 @@ class WeightDelta(ABC):
         """The full weight delta ``scale * ...`` shaped like the target weight."""
         return self.unscaled_delta(shape, dtype) * self.scale
 
+    def fit(self, shape: tuple[int, ...]) -> WeightDelta:
+        """Settle what the file leaves ambiguous with the target weight's shape (old vs new GLoRA); returns self."""
+        return self
+
     def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
         """Non-additive algorithms: the new weight from ``weight`` (fp32, the layer's shape) at ``multiplier``."""
         raise TypeError(f"{type(self).__name__} is additive: add multiplier * unscaled_delta() instead")

@@ -241,7 +241,8 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
         weight = states[m.component].index.modules[m.path].weight
         whole = built.get(id(m.keys))
         if whole is None:
-            whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha)
+            shape = tuple(weight.shape) if m.rows is None and not m.swap_halves else None  # fused: no one target
+            whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha, shape)
         delta = split_delta(whole, m.rows, m.total_rows, m.swap_halves)
         if place:
             delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)

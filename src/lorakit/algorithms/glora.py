@@ -3,7 +3,12 @@
 Shapes (LyCORIS ``GLoRAModule``): ``a1 [in, r]``, ``a2 [r, in]`` (1x1 for convs, acting on input channels),
 ``b1 [out, r(, 1, 1)]``, ``b2 [r, in(, kh, kw)]``, or Tucker ``b2 [r, in, 1, 1]`` + ``bm [r, r, kh, kw]``;
 r = ``a2.shape[0]``. The weight used is the one the layer holds when GLoRA is applied (base plus additive
-adapters), as in ComfyUI's patch chain. ComfyUI's "old GLoRA" layout (``b2 @ b1 + W @ a2 @ a1``) is not read.
+adapters), as in ComfyUI's patch chain.
+
+Older LyCORIS files (ComfyUI's "old GLoRA") store the factors the other way round: ``a1 [r, in]``, ``a2 [in, r]``,
+``b1 [r, in]``, ``b2 [out, r]``, r = ``a1.shape[0]``, and ``W' = W + s * (W @ a2 @ a1 + b2 @ b1)`` on the 2-D weight.
+Shapes alone can fit both layouts (square weights); then, as ComfyUI decides, the old layout is read when ``a2`` has
+as many rows as the square weight, which needs the target's shape (:meth:`GloraWeights.fit`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ from .base import Algorithm, Shape, layer_problem, weight_dims
 FIELDS = frozenset({"a1", "a2", "b1", "b2", "bm"})
 
 
+def _dims(t: Shape) -> tuple[int, int]:
+    return int(t[0]), int(math.prod(t[1:]))
+
+
+def is_old(shapes: Mapping[str, Shape], weight_shape: Shape | None = None) -> bool:
+    """Whether ``a1, a2, b1, b2`` are in the old layout (ComfyUI's rule; ``weight_shape`` settles square cases)."""
+    if "bm" in shapes:
+        return False
+    a1, a2, b1, b2 = (_dims(shapes[k]) for k in ("a1", "a2", "b1", "b2"))
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    new = b2[0] == b1[1] == a1[1] == a2[0]
+    if old and new:
+        return weight_shape is not None and a2[0] == weight_shape[0] == weight_shape[1]
+    return old
+
+
 @dataclass
 class GloraWeights(WeightDelta):
     a1: torch.Tensor
@@ -29,11 +50,16 @@ class GloraWeights(WeightDelta):
     b2: torch.Tensor
     bm: torch.Tensor | None = None
     alpha: float | None = None
+    old: bool = False
     additive = False
 
     @property
     def rank(self) -> int:
-        return int(self.a2.shape[0])
+        return int(self.a1.shape[0] if self.old else self.a2.shape[0])
+
+    def fit(self, shape: Shape) -> GloraWeights:
+        self.old = is_old({k: tuple(getattr(self, k).shape) for k in ("a1", "a2", "b1", "b2")}, shape)
+        return self
 
     def _b(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         b1, b2 = self.b1.to(dtype).flatten(1), self.b2.to(dtype).flatten(1)
@@ -45,6 +71,10 @@ class GloraWeights(WeightDelta):
         raise TypeError("GLoRA's delta depends on the weight: use apply(weight, multiplier)")
 
     def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        if self.old:
+            w2d = weight.flatten(1)
+            f = [t.float().flatten(1).to(weight.device) for t in (self.a1, self.a2, self.b1, self.b2)]
+            return weight + multiplier * (w2d @ f[1] @ f[0] + f[3] @ f[2]).reshape(weight.shape)
         mix = self.a1.float().flatten(1) @ self.a2.float().flatten(1)  # [in, in]
         wa = torch.einsum("oi...,ij->oj...", weight, mix)
         return weight + multiplier * (wa + self._b(tuple(weight.shape), torch.float32))
@@ -56,6 +86,13 @@ def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
         return problem
     out, inp, kernel = weight_dims(module)
     a1, a2, b1, b2 = (shapes[k] for k in ("a1", "a2", "b1", "b2"))
+    if is_old(shapes, tuple(module.weight.shape)):
+        flat, r = inp * math.prod(kernel), a1[0]
+        if (_dims(a1), _dims(a2), _dims(b1), _dims(b2)) != ((r, flat), (flat, r), (r, flat), (out, r)):
+            return (f"old-layout GLoRA a1 {list(a1)}, a2 {list(a2)}, b1 {list(b1)}, b2 {list(b2)} do not fit weight "
+                    f"{list(module.weight.shape)}: expected a1 [r, {flat}], a2 [{flat}, r], b1 [r, {flat}], "
+                    f"b2 [{out}, r]")
+        return None
     r = a2[0]
     b_in = inp if "bm" in shapes else inp * math.prod(kernel)
     ok = (a1[0] == inp and math.prod(a1[1:]) == r and math.prod(a2[1:]) == inp and b1[0] == out
@@ -73,7 +110,8 @@ ALGORITHM = Algorithm(
     name="glora", fields=FIELDS,
     complete=lambda names: {"a1", "a2", "b1", "b2"} <= names,
     check=check,
-    build=lambda f, alpha: GloraWeights(f["a1"], f["a2"], f["b1"], f["b2"], f.get("bm"), alpha),
-    rank=lambda shapes: int(shapes["a2"][0]),
+    build=lambda f, alpha: GloraWeights(f["a1"], f["a2"], f["b1"], f["b2"], f.get("bm"), alpha,
+                                        is_old({k: tuple(v.shape) for k, v in f.items()})),
+    rank=lambda shapes: int(shapes["a1"][0] if is_old(shapes) else shapes["a2"][0]),
     shape=lambda s: (s["b1"][0], math.prod(s["b2"][1:]) * (math.prod(s["bm"][2:]) if "bm" in s else 1)),
 )

@@ -22,10 +22,13 @@ def check_shapes(entry: ModuleKeys, shapes: Mapping[str, Shape], module: nn.Modu
     return algorithms.check({f: shapes[k] for f, k in entry.fields.items()}, module)
 
 
-def build_delta(entry: ModuleKeys, get: Callable[[str], torch.Tensor], alpha: float | None) -> WeightDelta:
-    """Make the delta of one module from its tensors; ``alpha`` from the file's ``.alpha`` key wins over the one given."""
+def build_delta(entry: ModuleKeys, get: Callable[[str], torch.Tensor], alpha: float | None,
+                target_shape: tuple[int, ...] | None = None) -> WeightDelta:
+    """Make the delta of one module from its tensors; ``alpha`` from the file's ``.alpha`` key wins over the one given.
+    ``target_shape`` (the weight it goes to, when known) settles layouts the tensors alone leave open."""
     if "alpha" in entry.fields:
         alpha = float(get(entry.fields["alpha"]).float().item())
     if alpha is not None and alpha == 0:
         alpha = None  # kohya/LyCORIS: alpha 0 means alpha = rank (OFT: no constraint)
-    return algorithms.build({k: get(v) for k, v in entry.fields.items() if k != "alpha"}, alpha)
+    delta = algorithms.build({k: get(v) for k, v in entry.fields.items() if k != "alpha"}, alpha)
+    return delta.fit(target_shape) if target_shape is not None else delta

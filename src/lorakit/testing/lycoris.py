@@ -20,7 +20,7 @@ from ..families import is_unet, unet_ldm_names
 ALGORITHMS = ("loha", "lokr", "dora", "glora", "full", "norm", "ia3", "oft", "boft")
 LINEAR_TARGETS = ("to_q", "to_out.0", "ff.net.2", "time_emb_proj")
 CONV_TARGETS = ("conv1", "conv_shortcut")
-LAYOUTS = {"loha": 2, "lokr": 6, "dora": 4, "glora": 2, "full": 2, "norm": 1, "ia3": 3, "oft": 3, "boft": 1}
+LAYOUTS = {"loha": 2, "lokr": 6, "dora": 4, "glora": 3, "full": 2, "norm": 1, "ia3": 3, "oft": 3, "boft": 1}
 
 
 def targets(model: nn.Module, algo: str) -> dict[str, nn.Module]:
@@ -82,6 +82,9 @@ def _tensors(algo: str, layout: int, w: torch.Tensor, has_bias: bool, rank: int,
         scale = torch.linalg.vector_norm(w.float(), dim=dims, keepdim=True) * (1 + noise)
         return {**t, "dora_scale": scale}
     if algo == "glora":
+        if layout == 2 and not conv:  # the old layout (older LyCORIS; ComfyUI's "old GLoRA")
+            return {"a1.weight": rnd(r, inp), "a2.weight": rnd(inp, r), "b1.weight": rnd(r, inp),
+                    "b2.weight": rnd(out, r), "alpha": torch.tensor(2.0)}
         t = {"a1.weight": rnd(inp, r, *((1, 1) if conv else ())), "a2.weight": rnd(r, inp, *((1, 1) if conv else ())),
              "b1.weight": rnd(out, r, *((1, 1) if conv else ())), "alpha": torch.tensor(2.0)}
         if layout == 1 and big_kernel:
