@@ -104,3 +104,23 @@ def test_unload_frees_the_adapters(monkeypatch):
     pipe.unload_lora_weights()
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_layers_with_different_adapter_counts_switch_together(monkeypatch):
+    """Adapters on different layer sets give chunks of different widths in one switch (one transfer for all)."""
+    from lorakit.testing.loras import make_lora, to_state_dict
+
+    fam = family("sd15")
+    pipes = {}
+    for name, devices in (("chunks", ("cpu",)), ("layers", ())):
+        monkeypatch.setattr(batched, "DEVICES", devices)
+        pipe = fam.build()
+        lorakit.attach(pipe, mode="merge")
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, text_encoders=False), adapter_name="all")
+        only_q = to_state_dict(make_lora(pipe.unet, rank=3, seed=2, targets=("to_q",)), "peft", "unet")
+        pipe.load_lora_weights(only_q, adapter_name="q")
+        pipe.set_adapters(["all", "q"], [0.6, 0.9])
+        pipe.set_adapters(["all", "q"], [0.4, 1.2])
+        pipes[name] = pipe
+    for key, p in pipes["chunks"].unet.named_parameters():
+        assert torch.allclose(p, pipes["layers"].unet.get_parameter(key), atol=1e-6, rtol=0), key

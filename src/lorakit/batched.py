@@ -89,7 +89,6 @@ def _compute_dtype(w: torch.Tensor) -> torch.dtype:
 class _Chunk:
     members: list[tuple[LayerState, list[Contribution], tuple | None]]  # signature None: written by a switch plan
     large: bool
-    offset: int = 0  # of its multipliers in the switch's one host->device transfer
 
 
 def can_restore(layer: LayerState) -> bool:
@@ -140,21 +139,29 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
         groups[group_key(layer, contributions)].append((layer, contributions, signature))
     if restores:
         restore(restores)
-    chunks: dict[torch.device, list[_Chunk]] = defaultdict(list)
+    chunks = []
     for key, members in groups.items():
         for part in split(key, members):
-            chunks[key[2]].append(_Chunk(part, key[-1]))
-    for device, device_chunks in chunks.items():
-        # every multiplier of this switch in one transfer (non-blocking: no wait for the GPU to finish its work)
-        rows = []
-        for chunk in device_chunks:
-            chunk.offset = len(rows)
-            rows.extend([m for _, m in contributions] for _, contributions, _ in chunk.members)
-        width = max(len(r) for r in rows)
-        host = torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
-        mults = host.to(device, non_blocking=True)
-        for chunk in device_chunks:
-            merge_chunk(chunk, mults[chunk.offset:chunk.offset + len(chunk.members)])
+            mults = torch.tensor([[m for _, m in contributions] for _, contributions, _ in part], dtype=torch.float64)
+            chunks.append((_Chunk(part, key[-1]), mults))
+    merge_chunks(chunks)
+
+
+def merge_chunks(items: list[tuple[_Chunk, torch.Tensor]], mark: tuple = PLAN_WRITTEN) -> None:
+    """:func:`merge_chunk` for each ``(chunk, multipliers [n, K] on the host)``; every multiplier bound for one device
+    crosses in one transfer (non-blocking: no wait for the GPU's queued work). Chunks differ in K (adapters per
+    layer): the rows are zero-padded to the widest, and each chunk reads only its own K columns."""
+    by_device: dict[torch.device, list[tuple[_Chunk, torch.Tensor]]] = defaultdict(list)
+    for chunk, mults in items:
+        by_device[chunk.members[0][0].weight.device].append((chunk, mults))
+    for device, group in by_device.items():
+        width = max(m.shape[1] for _, m in group)
+        host = torch.cat([torch.nn.functional.pad(m.float(), (0, width - m.shape[1])) for _, m in group])
+        moved = host.to(device, non_blocking=True)
+        offset = 0
+        for chunk, mults in group:
+            merge_chunk(chunk, moved[offset:offset + len(mults)], mark)
+            offset += len(mults)
 
 
 def _compute_dtype_size(dtype: torch.dtype, device: torch.device) -> int:

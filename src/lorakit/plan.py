@@ -130,7 +130,7 @@ class SwitchPlan:
         return out
 
     def _run_chunks(self, table: torch.Tensor) -> None:
-        due: dict[torch.device, list[tuple[_MergeChunk, torch.Tensor]]] = defaultdict(list)
+        due = []
         for mc in self.chunks:
             mults = mc.static * table[mc.rows[:, None], mc.cols]
             if mc.last is not None and torch.equal(mults, mc.last):
@@ -141,14 +141,8 @@ class SwitchPlan:
                     layer.applied = self.mark
                 continue
             mc.last = mults
-            due[mc.chunk.members[0][0].weight.device].append((mc, mults))
-        for device, items in due.items():
-            # every multiplier of this switch in one transfer (non-blocking: no wait for the GPU's queued work)
-            moved = torch.cat([m for _, m in items]).float().to(device, non_blocking=True)
-            offset = 0
-            for mc, mults in items:
-                batched.merge_chunk(mc.chunk, moved[offset:offset + len(mults)], self.mark)
-                offset += len(mults)
+            due.append((mc.chunk, mults))
+        batched.merge_chunks(due, self.mark)
 
 
 def resolver(plans: list[SwitchPlan]) -> Resolver:
