@@ -77,10 +77,6 @@ class ComponentState:
             return []
         return [f.contributions[path] for f in self.fused if path in f.contributions]
 
-    def live_part(self, path: str, layer: LayerState) -> list[Contribution]:
-        """Active, unfused adapters at ``path`` with their current multipliers (weight x call scale x alpha/r)."""
-        return self._live(self._live_rules(), path, layer)
-
     def _live_rules(self) -> list[tuple[str, ScaleRule, float | None]]:
         """(name, rule, the rule's multiplier if it is the same for every layer) of each live adapter."""
         if not self.enabled:
@@ -91,16 +87,6 @@ class ComponentState:
             if name not in fused:
                 rule = self.rules.get(name, ScaleRule())
                 out.append((name, rule, None if rule.prefixes else rule.default * self.call_scale))
-        return out
-
-    def _live(self, rules: list[tuple[str, ScaleRule, float | None]], path: str,
-              layer: LayerState) -> list[Contribution]:
-        out = []
-        for name, rule, uniform in rules:
-            delta = layer.deltas.get(name)
-            if delta is not None:
-                mult = uniform if uniform is not None else rule(path) * self.call_scale
-                out.append((delta, mult * delta.scale))
         return out
 
     def resolved_mode(self) -> str:
