@@ -60,3 +60,60 @@ def test_hotswap_parity_with_diffusers_unet_only():
         p.load_lora_weights(dict(first), adapter_name="slot")
         p.load_lora_weights(dict(second), adapter_name="slot", hotswap=True)
     assert_close(outputs(ours, fam), outputs(ref, fam))
+
+
+SETUPS = {"chunks": ("merge", ("cpu",)), "layers": ("merge", ()), "branch": ("branch", ())}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_same_layout_hotswap_copies_in_place(setup, tmp_path, monkeypatch):
+    """A new checkpoint of the same layout is copied into the loaded adapter's tensors (the deltas, plans and stacked
+    factors are kept); outputs equal a fresh load in every state, including kept plans switched back to."""
+    from lorakit import batched
+
+    mode, devices = SETUPS[setup]
+    monkeypatch.setattr(batched, "DEVICES", devices)
+    fam = family("sd15")
+    pipe, fresh = fam.build(), fam.build()
+    manager = lorakit.attach(pipe, mode=mode)
+    lorakit.attach(fresh, mode=mode)
+    for p in (pipe, fresh):
+        p.load_lora_weights(lora_state_dict(p, fam, 2, convs=True), adapter_name="b")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, convs=True), adapter_name="a")
+    fresh.load_lora_weights(lora_state_dict(fresh, fam, 3, convs=True), adapter_name="a")
+    for names, weights in ((["a", "b"], [0.5, 0.7]), (["b"], [0.7]), (["a", "b"], [0.5, 0.7])):
+        pipe.set_adapters(names, weights)  # leaves plans with "a" live, kept and current
+        outputs(pipe, fam)
+    kept = {c: dict(m) for c, m in manager.adapters["a"].layers.items()}
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 3, convs=True), tmp_path / "a3.safetensors"),
+                           adapter_name="a", hotswap=True)
+    assert manager.adapters["a"].layers == kept and all(
+        manager.adapters["a"].layers[c][p] is d for c, m in kept.items() for p, d in m.items()), "not in place"
+    assert manager.adapters["a"].source.endswith("a3.safetensors")
+    states = [(["a", "b"], [1.0, 0.7]),  # the swapped-in adapter starts at 1.0, as in diffusers+PEFT
+              (["b"], [0.7]), (["a", "b"], [0.3, 0.7]), (["a"], [0.9])]
+    for names, weights in states:
+        if (names, weights) != states[0]:
+            pipe.set_adapters(names, weights)
+        fresh.set_adapters(names, weights)
+        assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-5, what=f"{names} {weights}")
+    base = fam.build()
+    pipe.unload_lora_weights()
+    for name in ("unet", "text_encoder"):
+        assert all(torch.equal(v, getattr(base, name).state_dict()[k]) for k, v in getattr(pipe, name).state_dict().items())
+
+
+def test_other_layout_hotswap_replaces_the_deltas(tmp_path):
+    """Another alpha (so another scale) is not a value copy: the general path replaces the deltas."""
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    before = next(iter(manager.adapters["a"].layers["unet"].values()))
+    sd = lora_state_dict(pipe, fam, 2, fmt="kohya", alpha=2.0)
+    pipe.load_lora_weights(sd, adapter_name="a", hotswap=True)
+    assert next(iter(manager.adapters["a"].layers["unet"].values())) is not before
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(dict(sd), adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

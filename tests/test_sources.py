@@ -85,7 +85,7 @@ def test_bare_model_attach(env):
 
 
 def test_one_copy_reader_matches_safetensors(tmp_path):
-    """The GPU reader (one host-to-device copy, tensors as views) gives safetensors' tensors bit for bit, whatever
+    """The one-read reader (parallel reads of the data section, tensors as views) gives safetensors' tensors bit for bit, whatever
     the dtypes and alignment; exercised here with a CPU destination."""
     import torch
     from safetensors.torch import load_file, save_file

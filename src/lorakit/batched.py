@@ -71,6 +71,16 @@ def forget(deltas: Iterable[WeightDelta]) -> None:
         del _STACKS[key]
 
 
+@torch.no_grad()
+def refresh(swapped: set[int]) -> None:
+    """Recompute, in place, the cached stacks that hold any of these deltas (their values changed: a hotswap)."""
+    for key, (deltas, up, down) in _STACKS.items():
+        if not swapped.isdisjoint(key[:-1]):
+            pairs = [d.low_rank() for d in deltas]
+            torch.stack([p[0] for p in pairs], out=up)
+            down.copy_(torch.stack([p[1] for p in pairs]))
+
+
 def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
     """Batched merging covers the common case: a weight on a batching device, its backup beside it, low-rank
     adapters only."""

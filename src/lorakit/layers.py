@@ -166,6 +166,16 @@ class LayerState:
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._run_branch)
 
+    @torch.no_grad()
+    def restack_branch(self) -> None:
+        """Recompute the stacked branch factors in place from the deltas they came from (whose values changed: a
+        hotswap); a compiled graph that reads them sees the new values."""
+        by_id = {id(d): d for d in self.deltas.values()}
+        pairs = [by_id[i].low_rank() for i in self.branch_applied[0]]
+        a, b = self.branch
+        a.view(a.shape[0], -1).copy_(torch.cat([down for _, down in pairs], 0))
+        b.view(b.shape[0], -1).copy_(torch.cat([up for up, _ in pairs], 1))
+
     def attach_branch(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, structure: tuple) -> None:
         """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
         self.branch, self.branch_scale, self.branch_applied = branch, scale, structure

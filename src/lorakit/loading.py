@@ -173,6 +173,37 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
     return plan
 
 
+class PlanCache:
+    """Load plans of recent files, keyed by what planning reads: the header's keys, dtypes and shapes, the metadata
+    (alphas), the arguments, and the components' module indexes. Files from one trainer share all of that (a hotswap
+    of a new checkpoint, a reload), and their ~2,000 keys then need no parsing, mapping or shape checks. Plans that
+    warned (skipped keys, embeddings) are not kept, so the warning repeats on every load."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._plans: dict[tuple, tuple[LoadPlan, list]] = {}
+
+    def plan(self, source: LoraSource, states: Mapping[str, ComponentState], *, scope: list[str] | None = None,
+             prefix: str | None = None, strict: bool = True) -> LoadPlan:
+        """:func:`plan_load`, or a kept plan of a file with the same layout (for ``source``)."""
+        indexes = [s.index for s in states.values()]
+        key = (tuple((k, i.dtype, i.shape) for k, i in source.infos.items()), tuple(sorted(source.metadata.items())),
+               tuple(scope) if scope is not None else None, prefix, strict, tuple(map(id, indexes)))
+        hit = self._plans.get(key)
+        if hit is not None:
+            self._plans[key] = self._plans.pop(key)  # most recent last
+            return dataclasses.replace(hit[0], source=source)
+        plan = plan_load(source, states, scope=scope, prefix=prefix, strict=strict)
+        if not (plan.unmatched or plan.parsed.unused or plan.parsed.embeddings):
+            self._plans[key] = (plan, indexes)  # the indexes are kept alive so their ids stay theirs
+            while len(self._plans) > self.size:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
 def _comfy_text_encoder(entry: ModuleKeys, family: str | None) -> ModuleKeys:
     """ComfyUI's ``text_encoders.clip_l.transformer.…`` keys, read as the text encoder's own."""
     found = comfy_text_encoder(entry.key, family) if entry.namespace is None else None

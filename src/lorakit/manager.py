@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from . import batched
+from . import batched, hotswap
 from .adapter import Adapter
 from .errors import AdapterError, FusingError, LoraError, preview
 from .families import call_scale_kwarg, is_text_encoder, model_family
 from .io import open_source
 from .layers import LayerState
-from .loading import build_adapter, plan_load
+from .loading import PlanCache, build_adapter
 from .scales import ScaleRule, build_rule
 from .state import gc_paused, MODES, ComponentState, FusedEntry
 
@@ -63,6 +63,7 @@ class LoraManager:
         # Components fuse_lora acts on by default: the pipeline's own diffusers default (Flux: transformer only).
         self.fuse_defaults: list[str] | None = None
         self._loaded = 0
+        self._load_plans = PlanCache()
 
     def set_mode(self, mode: str) -> None:
         """Switch between merged adapters and runtime branches (see the class docstring); exact either way."""
@@ -127,7 +128,7 @@ class LoraManager:
             raise AdapterError(f"adapter name {name!r} is already in use (loaded from {self.adapters[name].source}). "
                                f"Pick another adapter_name, delete_adapters({name!r}) first, or pass hotswap=True "
                                f"to replace it in place.")
-        plan = plan_load(source, self.states, scope=scope, prefix=prefix, strict=strict)
+        plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
         adapter = build_adapter(plan, name, self.states, source.load(self._load_device(plan)))
         self._register(adapter)
         self._loaded += 1
@@ -163,7 +164,7 @@ class LoraManager:
         fused = [s.name for s in self.states.values() if adapter_name in s.fused_names()]
         if fused:
             raise AdapterError(f"adapter {adapter_name!r} is fused into {fused}; unfuse_lora() before hotswapping it.")
-        plan = plan_load(source, self.states, scope=scope, prefix=prefix, strict=strict)
+        plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
         if self.hotswap_rank is not None:
             too_big = [f"{m.component}.{m.path}" for m in plan.modules if m.keys.algorithm == "lora"
                        and source.infos[m.keys.fields["down"]].shape[0] > self.hotswap_rank]
@@ -173,6 +174,15 @@ class LoraManager:
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
         new = build_adapter(plan, adapter_name, self.states, source.load(self._load_device(plan)))
         old = self.adapters[adapter_name]
+        pairs = hotswap.matching_pairs(old, new)
+        if pairs is not None:  # same layout (a new checkpoint of the same run): copy the values in place
+            hotswap.swap_values(pairs, list(self.states.values()))
+            old.source, old.format, old.metadata = new.source, new.format, new.metadata
+            for state in self.states.values():
+                if adapter_name in state.adapters:
+                    state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at 1.0
+                    state.sync()
+            return adapter_name
         batched.forget(d for modules in old.layers.values() for d in modules.values())
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:

@@ -119,6 +119,12 @@ class SwitchPlan:
             buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
         self.fresh = False
 
+    def invalidate(self, swapped: set[int]) -> None:
+        """Chunks merging any of these deltas are rewritten at the next run (their values changed: a hotswap)."""
+        for mc in self.chunks:
+            if any(id(d) in swapped for _, contributions, _ in mc.chunk.members for d, _ in contributions):
+                mc.last, mc.clean = None, False
+
     def written(self) -> dict[int, tuple]:
         """What each layer this plan last wrote holds, as a signature: lets the next plan skip unchanged layers."""
         out = {}

@@ -1,0 +1,100 @@
+"""Hotswap in place: a new adapter's tensors copied into the loaded adapter's, when both have the same layout.
+
+A new checkpoint of the same training run (the common hotswap) has the same modules, algorithms, shapes and alpha as
+the adapter it replaces. Copying its tensors into the old ones keeps every object the engine built around them (the
+deltas, the switch plans, the stacked factors of the batched merge and of the runtime branches) and so costs only the
+copy and a re-merge of the layers the adapter is on: no plan layout, no allocation, and a compiled graph that reads
+the branch factors sees the new values without recompiling. Files that differ in layout (other layers, ranks, alpha)
+go through the general path in the manager, which replaces the deltas.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+
+from . import batched
+from .adapter import Adapter, WeightDelta
+from .state import ComponentState
+
+# What a layer's ``applied`` says once its delta's values changed under it: matches no signature and no plan's mark.
+_STALE = itertools.count()
+
+
+def layout(delta: WeightDelta) -> tuple:
+    """Everything but tensor values: the type, each tensor's shape/dtype/device, the other fields (alpha, layout)."""
+    parts: list = [type(delta)]
+    for name, value in sorted(vars(delta).items()):
+        if name.startswith("_"):  # caches (``_low_rank``) are derived from the fields
+            continue
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif isinstance(value, WeightDelta):
+            parts.append((name, layout(value)))
+        else:
+            parts.append((name, value))
+    return tuple(parts)
+
+
+def _tensor_pairs(old: WeightDelta, new: WeightDelta) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for name, value in vars(old).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, torch.Tensor):
+            yield value, getattr(new, name)
+        elif isinstance(value, WeightDelta):
+            yield from _tensor_pairs(value, getattr(new, name))
+
+
+def _nested(delta: WeightDelta) -> Iterator[WeightDelta]:
+    yield delta
+    for value in vars(delta).values():
+        if isinstance(value, WeightDelta):
+            yield from _nested(value)
+
+
+def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, WeightDelta]] | None:
+    """``(old delta, new delta)`` for every module, or None when the two adapters differ in anything but values."""
+    if {c: set(m) for c, m in old.layers.items() if m} != {c: set(m) for c, m in new.layers.items() if m}:
+        return None
+    pairs = [(old.layers[c][p], new.layers[c][p]) for c, modules in new.layers.items() for p in modules]
+    if any(layout(a) != layout(b) for a, b in pairs):
+        return None
+    return pairs
+
+
+@torch.no_grad()
+def swap_values(pairs: list[tuple[WeightDelta, WeightDelta]], states: list[ComponentState]) -> None:
+    """Copy each new delta's tensors into the old one, then bring everything derived from them up to date: cached
+    low-rank forms and stacked factors are recomputed in place, layers holding the old values are marked stale (the
+    next sync re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch
+    stacks hold the old values)."""
+    olds, news = [], []
+    for old, new in pairs:
+        for a, b in _tensor_pairs(old, new):
+            olds.append(a)
+            news.append(b)
+    torch._foreach_copy_(olds, news)
+    swapped = {id(d) for old, _ in pairs for d in _nested(old)}
+    for old, _ in pairs:
+        for d in _nested(old):
+            d.__dict__.pop("_low_rank", None)  # a Tucker core folded into down: stale (plain views would not be)
+    batched.refresh(swapped)
+    for state in states:
+        _mark_stale(state, swapped)
+
+
+def _mark_stale(state: ComponentState, swapped: set[int]) -> None:
+    current = state._plan
+    state._plans = {k: p for k, p in state._plans.items() if p is current}
+    for layer in state.layers.values():
+        if swapped.isdisjoint(map(id, layer.deltas.values())):
+            continue
+        if layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
+            layer.restack_branch()
+        if layer.applied != ():  # may hold the old values (conservative: at worst a layer is re-merged for nothing)
+            layer.applied = ("<stale after a hotswap>", next(_STALE))
+    if current is not None:
+        current.invalidate(swapped)
