@@ -4,16 +4,22 @@ bench.py times PEFT and lorakit in lock-step; this probe answers one question wi
 4 active lorakit adapters run at the speed of an untouched UNet measured in the same loop? It also times
 ``set_adapters`` alone and with its first forward, and a forward whose call-time scale changes each call.
 
-Run on the GPU machine (see benchmarks/README.md for the wheels): ``python3 benchmarks/probe_forward.py``.
+Run on the GPU machine (see benchmarks/README.md for the wheels): ``python3 benchmarks/probe_forward.py``;
+``--mode branch`` runs lorakit's runtime branches instead of merged weights.
 """
+import argparse
 import torch, statistics, lorakit, types
 from lorakit.testing import models as tm
 from lorakit.testing.loras import make_lora, to_state_dict, TRANSFORMER_TARGETS
+parser = argparse.ArgumentParser(); parser.add_argument("--mode", default="merge", choices=("merge", "branch"))
+parser.add_argument("--profile", action="store_true", help="kernel table of one forward with 4 adapters, then stop")
+ARGS = parser.parse_args(); MODE = ARGS.mode
+print("lorakit mode", MODE)
 dev="cuda"; dt=torch.float16
 with torch.no_grad():
     unet=tm.sdxl_unet(device=dev, dtype=dt)
     pipe=types.SimpleNamespace(unet=unet)
-    m=lorakit.attach(pipe, mode="merge")
+    m=lorakit.attach(pipe, mode=MODE)
     g=torch.Generator(device=dev).manual_seed(0)
     x=torch.randn(2,4,128,128,device=dev,dtype=dt); t=torch.tensor([500,500],device=dev); e=torch.randn(2,77,2048,device=dev,dtype=dt)
     ac={"text_embeds":torch.randn(2,1280,device=dev,dtype=dt),"time_ids":torch.tensor([[1024.,1024,0,0,1024,1024]]*2,device=dev,dtype=dt)}
@@ -37,6 +43,16 @@ with torch.no_grad():
         pipe.disable_lora(); res["disabled"].append(timeit(fwd)); pipe.enable_lora()
         pipe.set_adapters(["a0","a1","a2","a3"],[0.5,0.6,0.7,0.8]); res["4"].append(timeit(fwd))
     print({k: round(statistics.median(v),2) for k,v in res.items() if v})
+    if ARGS.profile:
+        for label, names in (("4 adapters", ["a0","a1","a2","a3"]), ("1 adapter", ["a0"])):
+            pipe.set_adapters(names); fwd(); torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fwd(); torch.cuda.synchronize()
+            print(label); print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fwd_p(); torch.cuda.synchronize()
+        print("pristine"); print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+        raise SystemExit
     # switch cost
     ws=[]; 
     for i in range(6):

@@ -72,6 +72,12 @@ def main() -> None:
 
     for i, sd in enumerate(files):
         pipe.load_lora_weights(sd, adapter_name="abcd"[i])
+    swaps = [Path(path.parent) / f"swap{i}.safetensors" for i in range(2)]
+    for i, target in enumerate(swaps):  # same layout as adapter "a": a new checkpoint of the same run
+        save_file(lora_file(comps, seed=10 + i), str(target))
+    resident = [lora_file(comps, seed=20 + i) for i in range(2)]  # already on the GPU
+    pipe.load_lora_weights(str(swaps[0]), adapter_name="hs")
+    pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     w = iter(range(10**6))
     ops = {
         "set_adapters 1": lambda: pipe.set_adapters("a", 0.5 + 0.001 * next(w)),
@@ -82,12 +88,26 @@ def main() -> None:
         "disable+enable": lambda: (pipe.disable_lora(), pipe.enable_lora()),
         "fuse+unfuse": lambda: (pipe.fuse_lora(adapter_names=["a", "b"]), pipe.unfuse_lora()),
         "load+delete": load,
+        "hotswap file": lambda: pipe.load_lora_weights(str(swaps[next(w) % 2]), adapter_name="hs", hotswap=True),
+        "hotswap dict": lambda: pipe.load_lora_weights(resident[next(w) % 2], adapter_name="hs", hotswap=True),
     }
     for name, fn in ops.items():
         fn()
         h, t = timed(fn)
         print(f"{name:16s} host {h:7.1f} ms   total {t:7.1f} ms")
 
+    for what, op in (("hotswap file", ops["hotswap file"]), ("hotswap dict", ops["hotswap dict"])):
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(3):
+            op()
+        torch.cuda.synchronize()
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(25)
+        print(what, "x3", s.getvalue())
+    if "--hotswap-only" in sys.argv:
+        return
     pipe.set_adapters(["a", "b"], [0.5, 0.8])
     pr = cProfile.Profile()
     pr.enable()

@@ -190,6 +190,9 @@ class Adapter:
     format: str = "unknown"
     family: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: what the file's layout was (keys, shapes, dtypes, metadata, model): equal layouts build equal deltas but for
+    #: their values (see hotswap.py); None when unknown
+    layout: tuple | None = None
 
     @property
     def components(self) -> list[str]:

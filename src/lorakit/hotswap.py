@@ -60,6 +60,8 @@ def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, Weight
     if {c: set(m) for c, m in old.layers.items() if m} != {c: set(m) for c, m in new.layers.items() if m}:
         return None
     pairs = [(old.layers[c][p], new.layers[c][p]) for c, modules in new.layers.items() for p in modules]
+    if old.layout is not None and old.layout == new.layout:
+        return pairs  # built from files of one layout for this model: no need to look at every delta
     if any(layout(a) != layout(b) for a, b in pairs):
         return None
     return pairs

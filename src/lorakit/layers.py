@@ -190,7 +190,13 @@ class LayerState:
         if isinstance(module, nn.Conv2d):
             hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
             return output + F.conv2d(hidden * self.branch_scale[:, None, None], b)
-        return output + F.linear(F.linear(x, a) * self.branch_scale, b)
+        hidden = F.linear(x, a)
+        if output.requires_grad or not output.is_contiguous():  # training: out of place, autograd sees every step
+            return output + F.linear(hidden * self.branch_scale, b)
+        # Inference: 3 kernels, no new activation: scale the small hidden in place, add the expand into the output
+        hidden.mul_(self.branch_scale)
+        output.view(-1, output.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t())
+        return output
 
     @torch.no_grad()
     def release(self, keep: list[Contribution]) -> None:

@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -52,6 +52,7 @@ class LoadPlan:
     modules: list[PlannedModule] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    layout: tuple | None = None  # set by PlanCache: files with equal layouts build adapters of equal layouts
 
     @property
     def components(self) -> list[str]:
@@ -188,12 +189,14 @@ class PlanCache:
         """:func:`plan_load`, or a kept plan of a file with the same layout (for ``source``)."""
         indexes = [s.index for s in states.values()]
         key = (tuple((k, i.dtype, i.shape) for k, i in source.infos.items()), tuple(sorted(source.metadata.items())),
-               tuple(scope) if scope is not None else None, prefix, strict, tuple(map(id, indexes)))
+               tuple(scope) if scope is not None else None, prefix, strict, tuple(map(id, indexes)),
+               tuple(_placement(s.model) for s in states.values()))  # deltas are built where the weights are
         hit = self._plans.get(key)
         if hit is not None:
             self._plans[key] = self._plans.pop(key)  # most recent last
             return dataclasses.replace(hit[0], source=source)
         plan = plan_load(source, states, scope=scope, prefix=prefix, strict=strict)
+        plan.layout = key
         if not (plan.unmatched or plan.parsed.unused or plan.parsed.embeddings):
             self._plans[key] = (plan, indexes)  # the indexes are kept alive so their ids stay theirs
             while len(self._plans) > self.size:
@@ -202,6 +205,11 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plans.clear()
+
+
+def _placement(model: torch.nn.Module) -> tuple | None:
+    param = next(model.parameters(), None)
+    return None if param is None else (param.device, param.dtype)
 
 
 def _comfy_text_encoder(entry: ModuleKeys, family: str | None) -> ModuleKeys:
@@ -267,16 +275,32 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
                   tensors: Mapping[str, torch.Tensor], *, place: bool = True) -> Adapter:
     """Build each module's delta on its target's device and dtype (as read, with ``place=False``: conversions)."""
     layers: dict[str, dict[str, WeightDelta]] = {}
-    built: dict[int, WeightDelta] = {}  # a fused file layer is built once and split over its targets
+    built: dict[int, tuple[WeightDelta, tuple]] = {}  # a fused file layer is built once and split over its targets
+    placed: dict[tuple, torch.Tensor] = {}
+
+    def reader(where: tuple) -> Callable[[str], torch.Tensor]:
+        if where is None:
+            return tensors.__getitem__
+
+        def read(key: str) -> torch.Tensor:  # each file tensor converted once, and only if it must be
+            t = tensors[key]
+            if (t.device, t.dtype) == where:
+                return t
+            if (key, where) not in placed:
+                placed[key, where] = t.to(*where)
+            return placed[key, where]
+        return read
+
     for m in plan.modules:
         weight = states[m.component].index.modules[m.path].weight
+        where = (weight.device, weight.dtype) if place and weight.is_floating_point() else None
         whole = built.get(id(m.keys))
         if whole is None:
             shape = tuple(weight.shape) if m.rows is None and not m.swap_halves else None  # fused: no one target
-            whole = built[id(m.keys)] = build_delta(m.keys, tensors.__getitem__, m.alpha, shape)
-        delta = split_delta(whole, m.rows, m.total_rows, m.swap_halves)
-        if place:
+            whole = built[id(m.keys)] = (build_delta(m.keys, reader(where), m.alpha, shape), where)
+        delta = split_delta(whole[0], m.rows, m.total_rows, m.swap_halves)
+        if place and where != whole[1]:  # a fused layer's targets on different devices or dtypes
             delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
     return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
-                   metadata=dict(plan.source.metadata))
+                   metadata=dict(plan.source.metadata), layout=plan.layout)
