@@ -188,7 +188,8 @@ class PlanCache:
              prefix: str | None = None, strict: bool = True) -> LoadPlan:
         """:func:`plan_load`, or a kept plan of a file with the same layout (for ``source``)."""
         indexes = [s.index for s in states.values()]
-        key = (tuple((k, i.dtype, i.shape) for k, i in source.infos.items()), tuple(sorted(source.metadata.items())),
+        key = (tuple(sorted((k, i.dtype, i.shape) for k, i in source.infos.items())),  # a dict's order is the caller's
+               tuple(sorted(source.metadata.items())),
                tuple(scope) if scope is not None else None, prefix, strict, tuple(map(id, indexes)),
                tuple(_placement(s.model) for s in states.values()))  # deltas are built where the weights are
         hit = self._plans.get(key)

@@ -177,7 +177,7 @@ class LoraManager:
         pairs = hotswap.matching_pairs(old, new)
         if pairs is not None:  # same layout (a new checkpoint of the same run): copy the values in place
             hotswap.swap_values(pairs, list(self.states.values()))
-            old.source, old.format, old.metadata = new.source, new.format, new.metadata
+            old.source, old.format, old.metadata, old.layout = new.source, new.format, new.metadata, new.layout
             for state in self.states.values():
                 if adapter_name in state.adapters:
                     state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at 1.0
