@@ -19,6 +19,7 @@ SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lora_B.default.weight", "up", "peft"),
     (".lora_A.weight", "down", "peft"),
     (".lora_B.weight", "up", "peft"),
+    (".lora_B.bias", "lora_bias", "peft"),  # LoraConfig(lora_bias=True): scaled like the weight delta
     (".lora_linear_layer.down.weight", "down", "diffusers_legacy"),
     (".lora_linear_layer.up.weight", "up", "diffusers_legacy"),
     (".lora.down.weight", "down", "diffusers"),
