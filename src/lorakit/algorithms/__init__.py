@@ -24,7 +24,7 @@ from . import dora, full, glora, ia3, loha, lokr, lora, oft
 from .base import Algorithm, Shape
 
 ALGORITHMS: tuple[Algorithm, ...] = (lora.ALGORITHM, lokr.ALGORITHM, loha.ALGORITHM, glora.ALGORITHM, full.FULL,
-                                     full.NORM, ia3.ALGORITHM, oft.ALGORITHM)
+                                     full.NORM, ia3.ALGORITHM, ia3.PEFT, oft.ALGORITHM)
 DORA_BASES = {"lora": dora.FIELDS, "loha": {"dora_scale"}, "lokr": {"dora_scale"}}
 INCOMPLETE = "incomplete"
 LORA_BIAS = "lora_bias"  # PEFT's lora_B.bias (LoraConfig(lora_bias=True); FLUX Control LoRAs)
