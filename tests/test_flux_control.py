@@ -2,6 +2,8 @@
 lorakit loads the BFL file; diffusers+PEFT loads the same tensors under diffusers names (its BFL converter is fixed to
 FLUX.1-dev's sizes) into an identical tiny model; outputs, unload (with and without reset) and restores must agree."""
 
+import json
+
 import pytest
 import torch
 from helpers import (
@@ -13,6 +15,7 @@ from helpers import (
     params,
     write,
 )
+from safetensors.torch import load_file
 
 import lorakit
 from lorakit.testing.family_files import Source, flux_control_file
@@ -160,8 +163,6 @@ def test_narrow_lora_on_widened_layer_is_padded(files):
 
 @pytest.mark.parametrize("corrupt", ["norm_shape", "wide_up_rows", "bias_rows"])
 def test_corrupt_control_file_changes_nothing(files, tmp_path, corrupt):
-    from safetensors.torch import load_file
-
     sd = load_file(files[0])
     key = {"norm_shape": "single_blocks.0.norm.key_norm.scale", "wide_up_rows": "img_in.lora_B.weight",
            "bias_rows": "double_blocks.0.img_attn.qkv.lora_B.bias"}[corrupt]
@@ -194,3 +195,34 @@ def test_widening_a_layer_with_adapters_is_refused(files):
     with pytest.raises(lorakit.LoraError, match="cannot be hotswapped"):
         pipe.load_lora_weights(path, adapter_name="n", hotswap=True)
     assert_params_equal(base, pipe.transformer)
+
+
+# ------------------------------------------------------------------------------- lora_B.bias in any PEFT file
+def test_lora_bias_in_any_peft_file(tmp_path):
+    """PEFT's lora_B.bias on SD1.5 layers with alpha != rank: the bias takes weight x alpha / r, as in PEFT."""
+    fam = family("sd15")
+    ref, ours = pair(fam)
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    layers = [(n, m) for n, m in ours.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and m.bias is not None and n.startswith(("down_blocks.0.", "mid_block.")) and "conv" not in n]
+    assert len(layers) >= 6
+    for name, m in layers:
+        shape = m.weight.shape
+        sd[f"unet.{name}.lora_A.weight"] = torch.randn(4, *shape[1:], generator=g) * 0.1
+        sd[f"unet.{name}.lora_B.weight"] = torch.randn(shape[0], 4, *([1] * (len(shape) - 2)), generator=g) * 0.1
+        sd[f"unet.{name}.lora_B.bias"] = torch.randn(shape[0], generator=g) * 0.2
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "unet.lora_bias": True,
+                                                  "unet.target_modules": [n for n, _ in layers]})}
+    path = write(sd, tmp_path / "bias.safetensors", metadata=meta)
+    base = params(ours.unet)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(path, adapter_name="b")
+        pipe.set_adapters("b", 0.7)
+    assert_close(outputs(ours, fam), outputs(ref, fam), what="lora_B.bias")
+    saved = load_file(ours.save_lora_adapter(tmp_path / "again", adapter_name="b"))  # written back as lora_B.bias
+    assert saved.keys() == sd.keys() and all(torch.equal(saved[k], sd[k]) for k in sd)
+    with pytest.raises(lorakit.LoraError, match="bias"):
+        ours.add_weighted_adapter(["b"], [1.0], "m", "svd")
+    ours.unload_lora_weights()
+    assert_params_equal(base, ours.unet)

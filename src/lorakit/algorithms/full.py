@@ -92,7 +92,7 @@ def _check(weight_field: str, bias_field: str, types: tuple, shapes: Mapping[str
             return f"{weight_field} has shape {list(got)}, expected the weight's {list(w.shape)}"
     if bias_field in shapes:
         if module.bias is None:
-            return f"{bias_field} given but the layer has no bias"
+            return f"{bias_field} given but the layer has no bias (lorakit writes bias deltas into the layer's own)"
         if numel(shapes[bias_field]) != module.bias.numel():
             return f"{bias_field} has shape {list(shapes[bias_field])}, expected the bias' {list(module.bias.shape)}"
     return None
