@@ -18,6 +18,8 @@ from helpers import (
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit.cli import main
+from lorakit.inspection import inspect_file
 from lorakit.testing.family_files import Source, flux_control_file
 
 DB, SB = "transformer_blocks.0", "single_transformer_blocks.0"
@@ -226,3 +228,11 @@ def test_lora_bias_in_any_peft_file(tmp_path):
         ours.add_weighted_adapter(["b"], [1.0], "m", "svd")
     ours.unload_lora_weights()
     assert_params_equal(base, ours.unet)
+
+
+def test_inspect_lists_norm_overwrites(files, capsys):
+    report = inspect_file(files[0])
+    assert sorted(report.norm_overwrites) == sorted(NORMS) and report.unused == []
+    assert report.algorithms == {"lora+bias": len(CONTROL)} and report.family == "flux"
+    assert main(["inspect", files[0]]) == 0
+    assert "norm overwrites" in capsys.readouterr().out
