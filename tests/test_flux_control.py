@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
+from lorakit.convert import convert_file
 from lorakit.inspection import inspect_file
 from lorakit.testing.family_files import Source, flux_control_file
 
@@ -236,3 +237,14 @@ def test_inspect_lists_norm_overwrites(files, capsys):
     assert report.algorithms == {"lora+bias": len(CONTROL)} and report.family == "flux"
     assert main(["inspect", files[0]]) == 0
     assert "norm overwrites" in capsys.readouterr().out
+
+
+def test_convert_to_diffusers_gives_the_converted_file(files, tmp_path):
+    """``lorakit convert --to diffusers`` of the BFL file writes what diffusers' converter makes of it (norm scales
+    included, as transformer.<path>.weight); kohya cannot hold the norm scales: refused."""
+    pipe = FAM.build()
+    out = convert_file(files[0], tmp_path / "diffusers.safetensors", "diffusers", model=pipe).output
+    got, want = load_file(out), files[1]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(lorakit.LoraError, match="--to diffusers"):
+        convert_file(files[0], tmp_path / "kohya.safetensors", "kohya", model=pipe)
