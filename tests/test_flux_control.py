@@ -248,3 +248,25 @@ def test_convert_to_diffusers_gives_the_converted_file(files, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(lorakit.LoraError, match="--to diffusers"):
         convert_file(files[0], tmp_path / "kohya.safetensors", "kohya", model=pipe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_control_loras_restore_exactly(files, dtype):
+    """Half precision, several control LoRAs (the later ones widen nothing more), fused and unfused: unload restores
+    the true original norms (diffusers would restore the first LoRA's) and, with reset, the original layer, bit for
+    bit."""
+    pipe = FAM.build(dtype)
+    lorakit.attach(pipe)
+    t = pipe.transformer
+    base, original = params(t), t.x_embedder
+    pipe.load_lora_weights(files[0], adapter_name="a")
+    pipe.load_lora_weights(dict(files[1]), adapter_name="b")
+    assert t.x_embedder.weight.dtype == dtype and t.x_embedder.in_features == 2 * files[2]
+    pipe.set_adapters(["a", "b"], [0.5, 0.7])
+    pipe.fuse_lora(adapter_names=["a"])
+    pipe.unfuse_lora()  # norms back (as diffusers), adapters still loaded
+    assert all(torch.equal(t.get_parameter(p), base[p]) for p in NORMS.values())
+    pipe.load_lora_weights(files[0], adapter_name="c")  # overwrites the norms again
+    pipe.unload_lora_weights(reset_to_overwritten_params=True)
+    assert t.x_embedder is original and t.config.in_channels == files[2]
+    assert_params_equal(base, t)
