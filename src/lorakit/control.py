@@ -47,7 +47,6 @@ DIFFUSERS_NORMS: dict[str, tuple[str, ...]] = {"flux": ("norm_q", "norm_k", "nor
 # Family -> layers a LoRA may widen -> the config attribute holding their input width.
 WIDENABLE: dict[str, dict[str, str]] = {"flux": {"x_embedder": "in_channels"}}
 DENOISER_PREFIX = "transformer."
-BFL_MARKERS = ("query_norm.scale", "key_norm.scale")  # keys that only FLUX Control files have
 
 
 def norm_param(key: str, family: str | None) -> str | None:
@@ -57,13 +56,15 @@ def norm_param(key: str, family: str | None) -> str | None:
         >>> norm_param("double_blocks.0.txt_attn.norm.key_norm.scale", "flux")
         'transformer_blocks.0.attn.norm_added_k.weight'
     """
+    names = DIFFUSERS_NORMS.get(family or "", ())
+    if not key.endswith(("_norm.scale", *(f".{n}.weight" for n in names))):
+        return None  # the common case, cheaply: thousands of LoRA keys per file
     bare = strip_original_prefix(key.removeprefix(DENOISER_PREFIX))
     for pattern, target in NORM_KEYS.get(family or "", ()):
         m = re.fullmatch(pattern, bare)
         if m:
             return target.format(*m.groups())
-    names = DIFFUSERS_NORMS.get(family or "", ())
-    if key.startswith(DENOISER_PREFIX) and key.endswith(".weight") and key[:-len(".weight")].rpartition(".")[2] in names:
+    if key.startswith(DENOISER_PREFIX) and key.endswith(tuple(f".{n}.weight" for n in names)):
         return bare
     return None
 

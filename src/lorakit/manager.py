@@ -22,7 +22,7 @@ from .errors import AdapterError, FusingError, LoraError, preview
 from .families import call_scale_kwarg, is_text_encoder, model_family
 from .io import open_source
 from .layers import LayerState
-from .loading import build_adapter, plan_load
+from .loading import LoadPlan, build_adapter, plan_load
 from .scales import ScaleRule, build_rule
 from .state import gc_paused, MODES, ComponentState, FusedEntry
 
@@ -136,7 +136,7 @@ class LoraManager:
         self._loaded += 1
         return name
 
-    def _apply_control(self, plan, tensors: Mapping[str, torch.Tensor]) -> None:
+    def _apply_control(self, plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> None:
         """A FLUX Control LoRA's changes besides weight deltas (checked in the plan): widen layers, overwrite norms."""
         family = model_family({n: s.model for n, s in self.states.items()})
         for m in plan.modules:
