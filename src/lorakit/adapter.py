@@ -63,6 +63,13 @@ class WeightDelta(ABC):
         """What the module's bias gains at multiplier 1 (``diff_b``, ``b_norm``), or None: most algorithms leave it."""
         return None
 
+    #: True for algorithms that transform the bias (PEFT's IA3 on outputs): the engine calls :meth:`apply_bias`.
+    scales_bias: ClassVar[bool] = False
+
+    def apply_bias(self, bias: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """The new bias from ``bias`` (fp32) at ``multiplier``, for algorithms with :attr:`scales_bias`."""
+        return bias
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name (for writers, moving and memory accounting)."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}

@@ -123,7 +123,7 @@ class ModelVerbs:
         self.manager.delete_adapters(adapter_names, self.scope)
 
     def unload_lora(self) -> None:
-        self.manager.unload_lora_weights(self.scope)
+        self.manager.unload_lora_weights(components=self.scope)
 
     def active_adapters(self) -> list[str]:
         return list(self.manager.states[self.name].active)

@@ -163,6 +163,9 @@ def report_table(report) -> Table:
         ("embeddings", Text(_preview(report.embeddings), style="yellow" if report.embeddings else "")),
         ("unused keys", Text(_preview(report.unused), style="yellow" if report.unused else "")),
     ]
+    if report.norm_overwrites:
+        rows.insert(-2, ("norm overwrites", note(str(len(report.norm_overwrites)),
+                                                 "FLUX Control: q/k norm scales replaced on load")))
     for name, value in rows:
         table.add_row(name, value if isinstance(value, Text) else Text(value))
     return table

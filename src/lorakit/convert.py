@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .binding import _components_of
@@ -27,7 +28,7 @@ from .formats.write import to_peft
 from .formats.write_kohya import to_kohya
 from .inspection import _module_rows, guess_family
 from .io import open_source, save_safetensors
-from .loading import build_adapter, plan_load
+from .loading import LoadPlan, build_adapter, plan_load
 from .state import ComponentState
 
 TARGETS = ("diffusers", "kohya")
@@ -104,16 +105,27 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, mod
     components = _components(model, source)
     states = {n: ComponentState(n, m, is_text_encoder(m)) for n, m in components.items()}
     plan = plan_load(source, states, strict=strict)
-    adapter = build_adapter(plan, Path(src).stem, states, source.load("cpu"), place=False)
+    loaded = source.load("cpu")
+    adapter = build_adapter(plan, Path(src).stem, states, loaded, place=False)
     family = model_family(components)
     adapter.family = family
     comps = [c for c in states if adapter.layers.get(c)]
+    if plan.norms and to != "diffusers":
+        raise LoraError(f"convert: {source.name} is a FLUX Control LoRA whose norm scales the kohya format cannot "
+                        f"hold; convert it --to diffusers (norm scales written as transformer.<path>.weight).")
     if to == "diffusers":
         modules = {c: {p: states[c].index.modules[p] for p in adapter.layers[c]} for c in comps}
         tensors, metadata = to_peft(adapter, modules, comps, prefixed=True)
+        tensors.update(_norm_tensors(plan, loaded))
     else:
         denoisers = tuple(n for n, s in states.items() if not s.is_text_encoder)
         tensors, metadata = to_kohya(adapter, components, comps, family, denoisers)
     out = save_safetensors(tensors, dst, metadata)
     return ConvertReport(str(src), str(out), plan.parsed.format, to, family,
                          {c: len(adapter.layers[c]) for c in comps}, len(tensors))
+
+
+def _norm_tensors(plan: LoadPlan, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX Control LoRA's norm scales under diffusers names (``transformer.<block>.attn.norm_q.weight``), as
+    diffusers' converter writes them and diffusers and lorakit read them."""
+    return {f"{comp}.{param}": loaded[key] for comp, norms in plan.norms.items() for param, key in norms.items()}

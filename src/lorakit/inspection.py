@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from . import control
 from .algorithms import describe
 from .formats import ParsedKeys, parse_keys
 from .io import LoraSource, open_source
@@ -90,6 +91,8 @@ class FileReport:
     embeddings: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     modules: list[ModuleReport] = field(default_factory=list)
+    #: FLUX Control norm scales (``…query_norm.scale``): replaced in the model, not LoRA modules
+    norm_overwrites: list[str] = field(default_factory=list)
 
     @property
     def num_modules(self) -> int:
@@ -273,6 +276,7 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
     rows = _module_rows(parsed, source)
     alphas, note = _alphas(rows, source.metadata)
     family, family_source = guess_family(source.metadata, parsed, rows, keys)
+    norms, _ = control.split_norm_keys(list(parsed.unused), family)
     trainer, trainer_source = guess_trainer(source.metadata, parsed.format)
     return FileReport(
         path=str(source.path or source.name),
@@ -293,8 +297,9 @@ def inspect_file(src: str | os.PathLike, weight_name: str | None = None, *,
         num_params=sum(math.prod(i.shape) for i in source.infos.values()),
         metadata=dict(source.metadata),
         embeddings=list(parsed.embeddings),
-        unused=list(parsed.unused),
+        unused=[k for k in parsed.unused if k not in norms],
         modules=rows,
+        norm_overwrites=list(norms),
     )
 
 

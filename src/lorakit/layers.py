@@ -94,14 +94,18 @@ class LayerState:
         return acc.reshape(w.shape).to(w.dtype)
 
     def compute_bias(self, contributions: list[Contribution]) -> torch.Tensor | None:
-        """The bias ``base + sum(c * bias_delta)`` (fp32, rounded once), or None when no contribution changes it."""
+        """The bias ``base + sum(c * bias_delta)``, then transformed by bias-scaling algorithms (PEFT IA3) in order,
+        as the weight is (fp32, rounded once); None when no contribution changes it."""
         parts = [(d.bias_delta(), m) for d, m in contributions if d.bias_delta() is not None]
-        if not parts:
-            return None
+        scaling = [(d, m) for d, m in contributions if d.scales_bias]
         b = self.module.bias
+        if not (parts or scaling) or b is None:
+            return None
         acc = (self.base_bias if self.base_bias is not None else b.detach()).to(b.device, torch.float32, copy=True)
         for delta, mult in parts:
             acc.add_(delta.to(acc.device, torch.float32).reshape(acc.shape), alpha=mult)
+        for delta, mult in scaling:
+            acc = delta.apply_bias(acc, mult)
         return acc.to(b.dtype)
 
     def _write_bias(self, contributions: list[Contribution]) -> None:

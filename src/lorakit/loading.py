@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from . import control
 from .adapter import Adapter, WeightDelta
 from .errors import LoraKeyError, LoraShapeError, preview
 from .families import model_family
@@ -43,6 +44,8 @@ class PlannedModule:
     rows: tuple[int, int] | None = None  # output rows of a fused file layer that this module takes
     total_rows: int = 0  # outputs of that fused layer
     swap_halves: bool = False
+    pad_to: int | None = None  # a LoRA for the narrow layer on one a FLUX Control LoRA widened: pad down to this
+    widen_to: int | None = None  # a FLUX Control LoRA: the layer is widened to this many inputs
 
 
 @dataclass
@@ -53,6 +56,7 @@ class LoadPlan:
     unmatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     layout: tuple | None = None  # set by PlanCache: files with equal layouts build adapters of equal layouts
+    norms: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> {norm parameter: file key}
 
     @property
     def components(self) -> list[str]:
@@ -116,16 +120,17 @@ def _route(namespace: str | None, states: Mapping[str, ComponentState], scope: l
 def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope: list[str] | None = None,
               prefix: str | None = None, strict: bool = True) -> LoadPlan:
     """Check every key and shape of ``source`` against the model; raise LoraError before anything changes."""
-    parsed = parse_keys(list(source.infos))
+    family = model_family({n: s.model for n, s in states.items()})
+    norms, keys = control.split_norm_keys(list(source.infos), family)
+    parsed = parse_keys(keys)
     plan = LoadPlan(source, parsed)
     alphas = peft_alphas(source.metadata)
     shapes = {k: v.shape for k, v in source.infos.items()}
     shape_errors: list[str] = []
-    family = model_family({n: s.model for n, s in states.items()})
     entries = [_comfy_text_encoder(e, family) for e in parsed.modules]
     # A file whose keys carry no component prefix at all belongs to whatever model it is loaded into.
     unprefixed = all(e.namespace is None for e in entries)
-    _refuse_unsupported(source.name, list(source.infos))
+    shape_errors += _plan_norms(plan, norms, shapes, states, scope, prefix, unprefixed)
     taken: dict[tuple[str, str], str] = {}
     aliases = NAMESPACE_ALIASES.get(family or "", {})
     for entry in entries:
@@ -138,7 +143,7 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
         if targets is None:
             plan.unmatched.extend(entry.fields.values())
             continue
-        planned = _plan_targets(entry, comp, states[comp], targets, shapes)
+        planned = _plan_targets(entry, comp, states[comp], targets, shapes, family)
         if isinstance(planned, str):
             shape_errors.append(planned)
             continue
@@ -167,7 +172,7 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
         warnings.warn(f"{name}: the file carries {len(parsed.embeddings)} textual-inversion embedding tensor(s) "
                       f"({preview(parsed.embeddings, 4)}); lorakit loads LoRA layers only, load the embeddings "
                       f"with pipe.load_textual_inversion.", stacklevel=3)
-    if not plan.modules:
+    if not plan.modules and not plan.norms:
         raise LoraKeyError(f"{name}: no LoRA layer in this file targets the model (found {len(source.infos)} keys, "
                            f"format {parsed.format!r}{', prefix ' + repr(prefix) if prefix else ''}). "
                            f"Nothing was loaded.")
@@ -220,20 +225,46 @@ def _comfy_text_encoder(entry: ModuleKeys, family: str | None) -> ModuleKeys:
 
 
 def _plan_targets(entry: ModuleKeys, comp: str, state: ComponentState, targets: list[Target],
-                  shapes: Mapping[str, tuple[int, ...]]) -> list[PlannedModule] | str:
+                  shapes: Mapping[str, tuple[int, ...]], family: str | None) -> list[PlannedModule] | str:
     """The planned modules of one file module, or why its tensors do not fit (several targets: checked as the fused
-    layer they were cut from)."""
+    layer they were cut from; a FLUX Control LoRA's wider input layer: checked as the widened layer)."""
     modules = [state.index.modules[t.path] for t in targets]
     where = f"{entry.display} -> {comp}.{'+'.join(t.path for t in targets)}"
     try:
         module = modules[0] if len(modules) == 1 else fused_module(modules)
     except ValueError as exc:
         return f"{where}: {exc}"
+    widen = pad = None
+    if len(modules) == 1:
+        module, widen, pad = control.fit_width(where, control.lora_width(entry.fields, shapes), targets[0].path,
+                                               module, state.control, family, targets[0].path in state.layers)
     problem = check_shapes(entry, shapes, module)
     if problem:
         return f"{where}: {problem}"
     total = int(module.weight.shape[0])
-    return [PlannedModule(comp, t.path, entry, None, t.rows, total, t.swap_halves) for t in targets]
+    return [PlannedModule(comp, t.path, entry, None, t.rows, total, t.swap_halves, pad, widen) for t in targets]
+
+
+def _plan_norms(plan: LoadPlan, norms: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
+                states: Mapping[str, ComponentState], scope: list[str] | None, prefix: str | None,
+                unprefixed: bool) -> list[str]:
+    """Route a FLUX Control LoRA's norm overwrites to the denoiser and check their shapes; returns the problems."""
+    by_comp: dict[str, dict[str, str]] = {}
+    for key, param in norms.items():
+        namespace = "transformer" if key.startswith(control.DENOISER_PREFIX) else None
+        comp = _route(namespace, states, scope, prefix, unprefixed)
+        if comp is False:
+            plan.ignored.append(key)
+        elif comp is None or states[comp].is_text_encoder:
+            plan.unmatched.append(key)
+        else:
+            by_comp.setdefault(comp, {})[key] = param
+    problems = []
+    for comp, found in by_comp.items():
+        params = dict(states[comp].model.named_parameters())
+        problems += control.check_norms(found, params, shapes)
+        plan.norms[comp] = {param: key for key, param in found.items()}
+    return problems
 
 
 def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None) -> list[Target] | None:
@@ -250,10 +281,6 @@ def resolve_targets(entry: ModuleKeys, state: ComponentState, family: str | None
     return map_key(entry.key, family, index.modules)
 
 
-# Key fragments of files that change more than weights (diffusers' FluxControl LoRAs): refused with the reason.
-_CONTROL_KEYS = ("query_norm.scale", "key_norm.scale")
-
-
 def _diff_note(keys: list[str]) -> str:
     """Why ``.diff``/``.diff_b`` tensors (ComfyUI/Wan full-weight and bias differences) do not load."""
     diffs = [k for k in keys if k.endswith((".diff", ".diff_b"))]
@@ -261,15 +288,6 @@ def _diff_note(keys: list[str]) -> str:
         return ""
     return (f" {len(diffs)} of them are full weight/bias differences (.diff, .diff_b) whose shapes or names fit no "
             f"layer of this model.")
-
-
-def _refuse_unsupported(name: str, keys: list[str]) -> None:
-    if any(k.endswith(_CONTROL_KEYS) for k in keys):
-        raise LoraKeyError(f"{name}: a FLUX Control LoRA (BFL; keys like 'double_blocks.0.img_attn.norm.query_norm.scale'"
-                           f"). Besides LoRA factors it replaces the q/k norm scales, adds LoRA biases and widens "
-                           f"x_embedder from 64 to 128 input channels (diffusers zero-pads that layer and restores it "
-                           f"on unload). lorakit applies weight deltas only and does not load it: use diffusers+PEFT "
-                           f"with FluxControlPipeline. Nothing was loaded.")
 
 
 def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState],
@@ -300,6 +318,8 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
             shape = tuple(weight.shape) if m.rows is None and not m.swap_halves else None  # fused: no one target
             whole = built[id(m.keys)] = (build_delta(m.keys, reader(where), m.alpha, shape), where)
         delta = split_delta(whole[0], m.rows, m.total_rows, m.swap_halves)
+        if m.pad_to is not None:
+            delta = control.pad_down(delta, m.pad_to)
         if place and where != whole[1]:  # a fused layer's targets on different devices or dtypes
             delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta

@@ -22,7 +22,7 @@ from .errors import AdapterError, FusingError, LoraError, preview
 from .families import call_scale_kwarg, is_text_encoder, model_family
 from .io import open_source
 from .layers import LayerState
-from .loading import PlanCache, build_adapter
+from .loading import LoadPlan, PlanCache, build_adapter
 from .scales import ScaleRule, build_rule
 from .state import gc_paused, MODES, ComponentState, FusedEntry
 
@@ -129,10 +129,25 @@ class LoraManager:
                                f"Pick another adapter_name, delete_adapters({name!r}) first, or pass hotswap=True "
                                f"to replace it in place.")
         plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
-        adapter = build_adapter(plan, name, self.states, source.load(self._load_device(plan)))
-        self._register(adapter)
+        tensors = source.load(self._load_device(plan))
+        adapter = build_adapter(plan, name, self.states, tensors)
+        self._apply_control(plan, tensors)
+        if adapter.components:
+            self._register(adapter)
         self._loaded += 1
         return name
+
+    def _apply_control(self, plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> None:
+        """A FLUX Control LoRA's changes besides weight deltas (checked in the plan): widen layers, overwrite norms."""
+        family = model_family({n: s.model for n, s in self.states.items()})
+        for m in plan.modules:
+            if m.widen_to is not None:
+                state = self.states[m.component]
+                state.control.widen(state.model, state.index.modules, m.path, m.widen_to, family)
+                self._load_plans.clear()  # kept plans checked shapes against the narrow layer
+        for comp, norms in plan.norms.items():
+            self.states[comp].control.overwrite_norms(self.states[comp].model,
+                                                      {param: tensors[key] for param, key in norms.items()})
 
     def _load_device(self, plan) -> torch.device:
         """Read tensors straight onto the targets' device when they all share one (no host round trip)."""
@@ -165,6 +180,9 @@ class LoraManager:
         if fused:
             raise AdapterError(f"adapter {adapter_name!r} is fused into {fused}; unfuse_lora() before hotswapping it.")
         plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
+        if plan.norms or any(m.widen_to is not None for m in plan.modules):
+            raise AdapterError(f"{source.name}: a FLUX Control LoRA (norm overwrites, a widened input layer) cannot be "
+                               f"hotswapped; load it with hotswap=False. Adapter {adapter_name!r} is unchanged.")
         if self.hotswap_rank is not None:
             too_big = [f"{m.component}.{m.path}" for m in plan.modules if m.keys.algorithm == "lora"
                        and source.infos[m.keys.fields["down"]].shape[0] > self.hotswap_rank]
@@ -386,8 +404,10 @@ class LoraManager:
             state.sync()
 
     def unfuse_lora(self, components: Sequence[str] | None = None, **deprecated: Any) -> None:
-        """Remove every fused adapter from these components; base weights come back bit-exactly."""
+        """Remove every fused adapter from these components; base weights come back bit-exactly. As diffusers, norm
+        weights a FLUX Control LoRA overwrote come back too."""
         for state in self._states(components):
+            state.control.restore_norms(state.model)
             if state.fused:
                 state.fused.clear()
                 state.sync()
@@ -441,10 +461,18 @@ class LoraManager:
             state.layers.pop(path).drop()
         state.version += bool(gone)
 
-    def unload_lora_weights(self, components: Sequence[str] | None = None) -> None:
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = False,
+                            components: Sequence[str] | None = None) -> None:
         """Remove every adapter. Weights return bit-exactly to the base, except what the user fused, which stays
-        fused (diffusers' fuse -> unload -> save_pretrained / compile flow)."""
+        fused (diffusers' fuse -> unload -> save_pretrained / compile flow). Norm weights a FLUX Control LoRA
+        overwrote come back; layers it widened stay wide unless ``reset_to_overwritten_params`` (diffusers' flag),
+        which puts the original layers and config values back.
+
+        Example:
+            >>> pipe.unload_lora_weights(reset_to_overwritten_params=True)  # doctest: +SKIP
+        """
         for state in self._states(components):
+            state.control.restore_norms(state.model)
             batched.write_many([(layer, state.fused_part(path)) for path, layer in state.layers.items()])
             for layer in state.layers.values():
                 layer.drop()
@@ -458,6 +486,9 @@ class LoraManager:
             state.enabled = True
             state.version += 1
             state.forget_plans()  # they hold the unloaded deltas
+            if reset_to_overwritten_params:
+                state.control.reset_widened(state.model, state.index.modules)
+                self._load_plans.clear()
 
     # ----------------------------------------------------------------------------------------------- info
     def __repr__(self) -> str:

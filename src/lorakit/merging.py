@@ -102,6 +102,10 @@ def _check_merge(adapters: Sequence[Adapter], weights: Sequence[float], method: 
     for a in adapters:
         for comp, mods in a.layers.items():
             for path, d in mods.items():
+                if d.bias_delta() is not None:
+                    raise LoraError(f"add_weighted_adapter: adapter {a.name!r} also changes the bias at {comp}.{path} "
+                                    f"(lora_B.bias or diff_b), which a merged LoRA cannot hold; merge adapters "
+                                    f"without bias deltas, or combine them with set_adapters weights instead.")
                 if not isinstance(d, LoraWeights) and method not in M.SVD_METHODS:
                     raise LoraError(f"add_weighted_adapter: adapter {a.name!r} holds a {type(d).__name__} at "
                                     f"{comp}.{path}, which {method!r} cannot combine factor by factor; use "

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import plan
+from .control import ControlState
 from .layers import Contribution, LayerState, _signature
 from .scales import ScaleRule
 from .targets import ModuleIndex
@@ -58,6 +59,7 @@ class ComponentState:
     call_scale: float = 1.0  # the call-time scale the weights/branches hold now
     ambient_scale: float = 1.0  # the call-time scale of the pipeline call in progress (1.0 outside one)
     version: int = 0  # bumped by the manager whenever layers or their deltas change: a new switch plan is due
+    control: ControlState = field(default_factory=ControlState)  # FLUX Control LoRAs: norm overwrites, widened layers
     _index: ModuleIndex | None = None
     _plan: plan.SwitchPlan | None = None
     _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # recent plans, oldest first

@@ -24,17 +24,19 @@ from . import dora, full, glora, ia3, loha, lokr, lora, oft
 from .base import Algorithm, Shape
 
 ALGORITHMS: tuple[Algorithm, ...] = (lora.ALGORITHM, lokr.ALGORITHM, loha.ALGORITHM, glora.ALGORITHM, full.FULL,
-                                     full.NORM, ia3.ALGORITHM, oft.ALGORITHM)
+                                     full.NORM, ia3.ALGORITHM, ia3.PEFT, oft.ALGORITHM)
 DORA_BASES = {"lora": dora.FIELDS, "loha": {"dora_scale"}, "lokr": {"dora_scale"}}
 INCOMPLETE = "incomplete"
+LORA_BIAS = "lora_bias"  # PEFT's lora_B.bias (LoraConfig(lora_bias=True); FLUX Control LoRAs)
 
 
 def detect(names: set[str]) -> tuple[Algorithm, str | None] | None:
     """(algorithm, DoRA field or None) for a module's field names (``alpha`` excluded), or None if none fits.
 
-    A ``diff_b`` beside another algorithm's fields is that algorithm's bias delta (:func:`with_bias` says so)."""
-    if with_bias(names):
-        names = names - {"diff_b"}
+    A bias delta beside another algorithm's fields (``diff_b``, PEFT's ``lora_bias``) is that algorithm's
+    (:func:`bias_field` says which)."""
+    bias = bias_field(names)
+    names = names - {bias} if bias else names
     mag = names & dora.FIELDS
     rest = names - dora.FIELDS
     if len(mag) > 1 or not rest:
@@ -43,22 +45,39 @@ def detect(names: set[str]) -> tuple[Algorithm, str | None] | None:
         if rest <= algo.fields and algo.complete(rest):
             if mag and not mag <= DORA_BASES.get(algo.name, set()):
                 return None
+            if bias == LORA_BIAS and (algo.name != "lora" or mag):
+                return None  # PEFT's lora_bias exists for plain LoRA only
             return algo, next(iter(mag), None)
     return None
 
 
+def bias_field(names: set[str]) -> str | None:
+    """The field of a bias delta riding along another algorithm, or None: ``diff_b`` beside anything but a full
+    delta (LyCORIS/ComfyUI, added at the user's weight), or ``lora_bias`` (PEFT's ``lora_B.bias``, scaled like the
+    weight delta)."""
+    if LORA_BIAS in names:
+        return LORA_BIAS
+    if "diff_b" in names and bool(names - full.FULL.fields - {"alpha"}):
+        return "diff_b"
+    return None
+
+
 def with_bias(names: set[str]) -> bool:
-    """Whether ``diff_b`` rides along another algorithm (rather than being a full delta on its own)."""
-    return "diff_b" in names and bool(names - full.FULL.fields - {"alpha"})
+    """Whether a bias delta (``diff_b``, ``lora_bias``) rides along another algorithm."""
+    return bias_field(names) is not None
+
+
+def _bias_suffix(names: set[str]) -> str:
+    return {"diff_b": "+diff_b", LORA_BIAS: "+bias", None: ""}[bias_field(names)]
 
 
 def name_of(names: set[str]) -> str:
-    """The algorithm's display name (``lora``, ``loha+dora``, ...) or ``incomplete``."""
+    """The algorithm's display name (``lora``, ``loha+dora``, ``lora+bias``...) or ``incomplete``."""
     found = detect(set(names) - {"alpha"})
     if found is None:
         return INCOMPLETE
     algo, mag = found
-    return algo.name + ("+dora" if mag else "") + ("+diff_b" if with_bias(set(names)) else "")
+    return algo.name + ("+dora" if mag else "") + _bias_suffix(set(names))
 
 
 def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
@@ -68,13 +87,12 @@ def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
     if found is None:
         return f"holds fields {sorted(shapes)}, which are not a known algorithm"
     algo, mag = found
-    bias = with_bias(set(shapes))
-    problem = algo.check({k: v for k, v in shapes.items() if k not in dora.FIELDS and not (bias and k == "diff_b")},
-                         module)
+    bias = bias_field(set(shapes))
+    problem = algo.check({k: v for k, v in shapes.items() if k not in dora.FIELDS and k != bias}, module)
     if problem is None and mag is not None:
         problem = dora.check(mag, shapes[mag], module)
     if problem is None and bias:
-        problem = full.check_bias(shapes["diff_b"], module)
+        problem = full.check_bias(shapes[bias], module, bias)
     return problem
 
 
@@ -84,11 +102,10 @@ def build(tensors: dict[str, torch.Tensor], alpha: float | None) -> WeightDelta:
     if found is None:
         raise ValueError(f"fields {sorted(tensors)} are not a known algorithm")
     algo, mag = found
-    bias = with_bias(set(tensors))
-    delta = algo.build({k: v for k, v in tensors.items() if k not in dora.FIELDS and not (bias and k == "diff_b")},
-                       alpha)
+    bias = bias_field(set(tensors))
+    delta = algo.build({k: v for k, v in tensors.items() if k not in dora.FIELDS and k != bias}, alpha)
     delta = dora.wrap(delta, mag, tensors[mag]) if mag else delta
-    return full.BiasAdded(delta, tensors["diff_b"]) if bias else delta
+    return full.BiasAdded(delta, tensors[bias], scaled=bias == LORA_BIAS) if bias else delta
 
 
 def describe(shapes: Mapping[str, Shape]) -> tuple[str, int | str, tuple[int, int]]:
@@ -101,9 +118,10 @@ def describe(shapes: Mapping[str, Shape]) -> tuple[str, int | str, tuple[int, in
         return INCOMPLETE, INCOMPLETE, (0, 0)
     algo, mag = found
     name = "boft" if algo.name == "oft" and len(shapes.get("oft_blocks", ())) == 4 else algo.name
-    name += ("+dora" if mag else "") + ("+diff_b" if with_bias(set(shapes)) else "")
-    shapes = {k: v for k, v in shapes.items() if not (k == "diff_b" and with_bias(set(shapes)))}
+    name += ("+dora" if mag else "") + _bias_suffix(set(shapes))
+    bias = bias_field(set(shapes))
+    shapes = {k: v for k, v in shapes.items() if k != bias}
     return name, algo.rank(shapes), tuple(int(x) for x in algo.shape(shapes))
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "build", "check", "describe", "detect", "name_of", "with_bias"]
+__all__ = ["ALGORITHMS", "Algorithm", "bias_field", "build", "check", "describe", "detect", "name_of", "with_bias"]

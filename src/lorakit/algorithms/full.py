@@ -43,12 +43,16 @@ class FullWeights(WeightDelta):
 
 @dataclass
 class BiasAdded(WrappedDelta):
-    """Another algorithm's delta with a ``diff_b`` bias delta on the same layer (Wan LoRAs from musubi-tuner and
-    ComfyUI carry one beside ``lora_down``/``lora_up``). The bias is added times the user's weight only, as LyCORIS
-    and ComfyUI do: alpha / rank does not apply to it."""
+    """Another algorithm's delta with a bias delta on the same layer.
+
+    ``diff_b`` (Wan LoRAs from musubi-tuner and ComfyUI carry one beside ``lora_down``/``lora_up``) is added times the
+    user's weight only, as LyCORIS and ComfyUI do: alpha / rank does not apply. PEFT's ``lora_B.bias``
+    (``scaled=True``; FLUX Control LoRAs) is part of the LoRA's output, ``scale * lora_B(lora_A(x))``: it is scaled
+    like the weight delta."""
 
     inner: WeightDelta
     diff_b: torch.Tensor
+    scaled: bool = False
 
     @property
     def additive(self) -> bool:  # type: ignore[override]
@@ -64,16 +68,16 @@ class BiasAdded(WrappedDelta):
         return self.inner.apply(weight, multiplier)
 
     def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        # the engine multiplies by (user weight x scale); the bias takes the user weight alone
-        return self.diff_b.to(dtype) / self.scale
+        # the engine multiplies by (user weight x scale): right for lora_B.bias; diff_b takes the user weight alone
+        return self.diff_b.to(dtype) if self.scaled else self.diff_b.to(dtype) / self.scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.inner.tensors(), "diff_b": self.diff_b}
+        return {**self.inner.tensors(), ("lora_bias" if self.scaled else "diff_b"): self.diff_b}
 
 
-def check_bias(shape: Shape, module: nn.Module) -> str | None:
-    """Why a ``diff_b`` of this shape cannot go with another algorithm on ``module``, or None."""
-    return _check("diff", "diff_b", FULL_TYPES, {"diff_b": shape}, module)
+def check_bias(shape: Shape, module: nn.Module, field: str = "diff_b") -> str | None:
+    """Why a bias delta (``diff_b``, ``lora_bias``) of this shape cannot go with another algorithm on ``module``."""
+    return _check("diff", field, FULL_TYPES, {field: shape}, module)
 
 
 def _check(weight_field: str, bias_field: str, types: tuple, shapes: Mapping[str, Shape],
@@ -88,7 +92,7 @@ def _check(weight_field: str, bias_field: str, types: tuple, shapes: Mapping[str
             return f"{weight_field} has shape {list(got)}, expected the weight's {list(w.shape)}"
     if bias_field in shapes:
         if module.bias is None:
-            return f"{bias_field} given but the layer has no bias"
+            return f"{bias_field} given but the layer has no bias (lorakit writes bias deltas into the layer's own)"
         if numel(shapes[bias_field]) != module.bias.numel():
             return f"{bias_field} has shape {list(shapes[bias_field])}, expected the bias' {list(module.bias.shape)}"
     return None

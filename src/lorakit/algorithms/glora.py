@@ -30,16 +30,30 @@ def _dims(t: Shape) -> tuple[int, int]:
     return int(t[0]), int(math.prod(t[1:]))
 
 
+def layouts(shapes: Mapping[str, Shape]) -> tuple[bool, bool]:
+    """(fits the old layout, fits the new layout) from the factor shapes alone: both on square weights."""
+    if "bm" in shapes:
+        return False, True
+    a1, a2, b1, b2 = (_dims(shapes[k]) for k in ("a1", "a2", "b1", "b2"))
+    return b2[1] == b1[0] == a1[0] == a2[1], b2[0] == b1[1] == a1[1] == a2[0]
+
+
 def is_old(shapes: Mapping[str, Shape], weight_shape: Shape | None = None) -> bool:
     """Whether ``a1, a2, b1, b2`` are in the old layout (ComfyUI's rule; ``weight_shape`` settles square cases)."""
-    if "bm" in shapes:
-        return False
-    a1, a2, b1, b2 = (_dims(shapes[k]) for k in ("a1", "a2", "b1", "b2"))
-    old = b2[1] == b1[0] == a1[0] == a2[1]
-    new = b2[0] == b1[1] == a1[1] == a2[0]
+    old, new = layouts(shapes)
     if old and new:
-        return weight_shape is not None and a2[0] == weight_shape[0] == weight_shape[1]
+        return weight_shape is not None and _dims(shapes["a2"])[0] == weight_shape[0] == weight_shape[1]
     return old
+
+
+def file_rank(shapes: Mapping[str, Shape]) -> int | str:
+    """The rank inspection reports without a model: ``"8 or 64"`` (new-layout rank, old-layout rank) when the
+    shapes fit both layouts with different ranks, which only the target weight's shape settles."""
+    old, new = layouts(shapes)
+    old_rank, new_rank = int(shapes["a1"][0]), int(shapes["a2"][0])
+    if old and new and old_rank != new_rank:
+        return f"{new_rank} or {old_rank}"
+    return old_rank if old else new_rank
 
 
 @dataclass
@@ -112,6 +126,6 @@ ALGORITHM = Algorithm(
     check=check,
     build=lambda f, alpha: GloraWeights(f["a1"], f["a2"], f["b1"], f["b2"], f.get("bm"), alpha,
                                         is_old({k: tuple(v.shape) for k, v in f.items()})),
-    rank=lambda shapes: int(shapes["a1"][0] if is_old(shapes) else shapes["a2"][0]),
+    rank=file_rank,
     shape=lambda s: (s["b1"][0], math.prod(s["b2"][1:]) * (math.prod(s["bm"][2:]) if "bm" in s else 1)),
 )

@@ -19,6 +19,9 @@ SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lora_B.default.weight", "up", "peft"),
     (".lora_A.weight", "down", "peft"),
     (".lora_B.weight", "up", "peft"),
+    (".lora_B.bias", "lora_bias", "peft"),
+    (".ia3_l.default", "ia3_l", "peft"),  # PEFT (IA)^3 vectors (get_peft_model_state_dict drops the adapter name)
+    (".ia3_l", "ia3_l", "peft"),  # LoraConfig(lora_bias=True): scaled like the weight delta
     (".lora_linear_layer.down.weight", "down", "diffusers_legacy"),
     (".lora_linear_layer.up.weight", "up", "diffusers_legacy"),
     (".lora.down.weight", "down", "diffusers"),

@@ -12,16 +12,17 @@ import torch
 from torch import nn
 
 from ..adapter import LoraWeights, WeightDelta, WrappedDelta
+from ..algorithms.full import BiasAdded
 
 
 def fused_module(modules: list[nn.Module]) -> nn.Module:
-    """A weightless stand-in for the fused layer the file was made for (outputs of ``modules`` stacked), for shape
-    checks. Every part must be a Linear with the same inputs."""
+    """A weightless stand-in for the fused layer the file was made for (outputs of ``modules`` stacked, with a bias
+    when every part has one), for shape checks. Every part must be a Linear with the same inputs."""
     ins = {int(m.weight.shape[1]) for m in modules}
     if not all(isinstance(m, nn.Linear) for m in modules) or len(ins) != 1:
         raise ValueError("fused targets must be Linear layers with the same input width")
     rows = sum(int(m.weight.shape[0]) for m in modules)
-    return nn.Linear(ins.pop(), rows, bias=False, device="meta")
+    return nn.Linear(ins.pop(), rows, bias=all(m.bias is not None for m in modules), device="meta")
 
 
 def _swap(t: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,10 @@ def split_delta(delta: WeightDelta, rows: tuple[int, int] | None, total_rows: in
     """The part of ``delta`` (made for a layer with ``total_rows`` outputs) that one target module receives."""
     if rows is None and not swap_halves:
         return delta
+    if isinstance(delta, BiasAdded):  # the bias is split like the output rows it adds to
+        bias = _swap(delta.diff_b) if swap_halves else delta.diff_b
+        bias = bias if rows is None else bias[rows[0]:rows[1]]
+        return BiasAdded(split_delta(delta.inner, rows, total_rows, swap_halves), bias, delta.scaled)
     if isinstance(delta, LoraWeights):
         up = _swap(delta.up) if swap_halves else delta.up
         if rows is not None:

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 from ..adapter import Adapter, LoraWeights
+from ..algorithms.full import BiasAdded
 from ..errors import LoraError
 
 METADATA_KEY = "lora_adapter_metadata"
 
 
-def _peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+def _peft_config(ranks: dict[str, int], alphas: dict[str, float], lora_bias: bool) -> dict:
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return {
@@ -29,7 +30,7 @@ def _peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
         "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
         "target_modules": sorted(ranks),
         "use_dora": False,
-        "lora_bias": False,
+        "lora_bias": lora_bias,
     }
 
 
@@ -44,8 +45,11 @@ def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]] | N
     tensors: dict[str, torch.Tensor] = {}
     lora_meta: dict[str, object] = {}
     for comp in components:
-        ranks, alphas = {}, {}
+        ranks, alphas, biased = {}, {}, False
         for path, delta in sorted(adapter.layers.get(comp, {}).items()):
+            bias = None
+            if isinstance(delta, BiasAdded) and delta.scaled:  # PEFT's lora_B.bias
+                delta, bias = delta.inner, delta.diff_b
             if not isinstance(delta, LoraWeights):
                 raise LoraError(f"save: adapter {adapter.name!r} holds a {type(delta).__name__} at {comp}.{path}, "
                                 f"which the diffusers/PEFT LoRA format cannot represent; save it as kohya instead "
@@ -63,10 +67,13 @@ def to_peft(adapter: Adapter, modules: Mapping[str, Mapping[str, nn.Module]] | N
             key = f"{comp}.{path}" if prefixed else path
             tensors[f"{key}.lora_A.weight"] = down
             tensors[f"{key}.lora_B.weight"] = up
+            if bias is not None:
+                tensors[f"{key}.lora_B.bias"] = bias
+                biased = True
             ranks[path] = delta.rank
             alphas[path] = float(delta.alpha) if delta.alpha is not None else float(delta.rank)
         if ranks:
-            cfg = _peft_config(ranks, alphas)
+            cfg = _peft_config(ranks, alphas, biased)
             lora_meta.update({(f"{comp}.{k}" if prefixed else k): v for k, v in cfg.items()})
     if not tensors:
         raise LoraError(f"save: adapter {adapter.name!r} has no layers in {components}.")
