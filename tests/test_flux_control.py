@@ -270,3 +270,25 @@ def test_two_control_loras_restore_exactly(files, dtype):
     pipe.unload_lora_weights(reset_to_overwritten_params=True)
     assert t.x_embedder is original and t.config.in_channels == files[2]
     assert_params_equal(base, t)
+
+
+def test_kept_load_plans_follow_widening_and_reset(files):
+    """Load plans are kept per file layout; widening x_embedder (and resetting it) must not reuse a plan that was
+    checked against the other width."""
+    path, twin, width = files
+    ref, ours = pair(FAM)
+    g = torch.Generator().manual_seed(5)
+    out = ours.transformer.x_embedder.out_features
+    narrow = {"transformer.x_embedder.lora_A.weight": torch.randn(2, width, generator=g) * 0.2,
+              "transformer.x_embedder.lora_B.weight": torch.randn(out, 2, generator=g) * 0.2}
+    ours.load_lora_weights(dict(narrow), adapter_name="n")  # planned (and kept) for the narrow layer
+    ours.unload_lora_weights()
+    ours.load_lora_weights(path, adapter_name="c")
+    ref.load_lora_weights(dict(twin), adapter_name="c")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(dict(narrow), adapter_name="n")  # now padded to the widened layer
+        pipe.set_adapters(["c", "n"], [1.0, 0.8])
+    assert_close(outputs(ours, FAM), outputs(ref, FAM), what="control + narrow after a kept plan")
+    ours.unload_lora_weights(reset_to_overwritten_params=True)
+    ours.load_lora_weights(dict(narrow), adapter_name="n")  # narrow again: no padding
+    assert ours.transformer.x_embedder.in_features == width
