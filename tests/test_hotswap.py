@@ -117,3 +117,40 @@ def test_other_layout_hotswap_replaces_the_deltas(tmp_path):
     lorakit.attach(fresh)
     fresh.load_lora_weights(dict(sd), adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_file_laid_out_alike_is_one_buffer_copy(setup, tmp_path, monkeypatch):
+    """A file laid out byte for byte as the loaded one (a new checkpoint of the same run) is copied into the buffer
+    every delta views; other alphas in the file (kohya ``.alpha`` tensors) take the general path. Outputs equal a
+    fresh load either way."""
+    from lorakit import batched
+
+    mode, devices = SETUPS[setup]
+    monkeypatch.setattr(batched, "DEVICES", devices)
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe, mode=mode)
+    files = {seed: write(lora_state_dict(pipe, fam, seed, fmt="kohya", alpha=alpha, convs=True),
+                         tmp_path / f"{seed}.safetensors") for seed, alpha in ((1, 2.0), (2, 2.0), (3, 3.0))}
+    pipe.load_lora_weights(files[2], adapter_name="b")
+    pipe.load_lora_weights(files[1], adapter_name="a")
+    pipe.set_adapters(["a", "b"], [0.5, 0.7])
+    outputs(pipe, fam)
+    adapter = manager.adapters["a"]
+    buffer, deltas = adapter.buffer, {c: dict(m) for c, m in adapter.layers.items()}
+    assert buffer is not None, "a file read in one piece whose tensors need no conversion keeps its buffer"
+    for seed, copied in ((2, True), (3, False)):
+        pipe.load_lora_weights(files[seed], adapter_name="a", hotswap=True)
+        swapped = manager.adapters["a"]
+        if copied:
+            assert swapped is adapter and swapped.buffer is buffer and swapped.layers == deltas
+            assert torch.equal(buffer, manager.adapters["b"].buffer), "the data section of file 2, copied"
+        fresh = fam.build()
+        lorakit.attach(fresh, mode=mode)
+        fresh.load_lora_weights(files[2], adapter_name="b")
+        fresh.load_lora_weights(files[seed], adapter_name="a")
+        for names, weights in ((["a", "b"], [1.0, 0.7]), (["a"], [0.4])):
+            pipe.set_adapters(names, weights)
+            fresh.set_adapters(names, weights)
+            assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-5, what=f"file {seed}: {names}")

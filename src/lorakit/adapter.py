@@ -200,6 +200,12 @@ class Adapter:
     #: what the file's layout was (keys, shapes, dtypes, metadata, model): equal layouts build equal deltas but for
     #: their values (see hotswap.py); None when unknown
     layout: tuple | None = None
+    #: the file's data section when every tensor of every delta is a view into it (a CUDA load without conversion),
+    #: with each key's byte range and the alphas read from it: a hotswap of a file laid out identically is then
+    #: one device copy into this buffer (see hotswap.py)
+    buffer: torch.Tensor | None = field(default=None, repr=False)
+    offsets: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
+    alphas: tuple[float, ...] = ()
 
     @property
     def components(self) -> list[str]:

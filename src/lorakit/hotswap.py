@@ -17,6 +17,7 @@ import torch
 
 from . import batched
 from .adapter import Adapter, WeightDelta
+from .io import LoraSource
 from .state import ComponentState
 
 # What a layer's ``applied`` says once its delta's values changed under it: matches no signature and no plan's mark.
@@ -60,8 +61,8 @@ def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, Weight
     if {c: set(m) for c, m in old.layers.items() if m} != {c: set(m) for c, m in new.layers.items() if m}:
         return None
     pairs = [(old.layers[c][p], new.layers[c][p]) for c, modules in new.layers.items() for p in modules]
-    if old.layout is not None and old.layout == new.layout:
-        return pairs  # built from files of one layout for this model: no need to look at every delta
+    if old.layout is not None and old.layout == new.layout and old.alphas == new.alphas:
+        return pairs  # built from files of one layout (and alphas: values, not layout) for this model
     if any(layout(a) != layout(b) for a, b in pairs):
         return None
     return pairs
@@ -69,19 +70,54 @@ def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, Weight
 
 @torch.no_grad()
 def swap_values(pairs: list[tuple[WeightDelta, WeightDelta]], states: list[ComponentState]) -> None:
-    """Copy each new delta's tensors into the old one, then bring everything derived from them up to date: cached
-    low-rank forms and stacked factors are recomputed in place, layers holding the old values are marked stale (the
-    next sync re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch
-    stacks hold the old values)."""
+    """Copy each new delta's tensors into the old one, then :func:`refresh` what is derived from them."""
     olds, news = [], []
     for old, new in pairs:
         for a, b in _tensor_pairs(old, new):
             olds.append(a)
             news.append(b)
     torch._foreach_copy_(olds, news)
-    swapped = {id(d) for old, _ in pairs for d in _nested(old)}
-    for old, _ in pairs:
-        for d in _nested(old):
+    refresh([old for old, _ in pairs], states)
+
+
+def keep_buffer(adapter: Adapter, source: LoraSource) -> None:
+    """Remember the source's data section on the adapter when every tensor of every delta is a view into it."""
+    buffer = source.buffer
+    if buffer is None:
+        return
+    ptr = buffer.untyped_storage().data_ptr()
+    deltas = [d for modules in adapter.layers.values() for top in modules.values() for d in _nested(top)]
+    if all(t.untyped_storage().data_ptr() == ptr for d in deltas for t in d.tensors().values()):
+        adapter.buffer = buffer
+        adapter.offsets = {k: i.offsets for k, i in source.infos.items()}
+
+
+def can_copy_buffer(old: Adapter, layout: tuple | None, source: LoraSource, alphas: tuple[float, ...]) -> bool:
+    """Whether ``source`` (already loaded) is laid out byte for byte as the file ``old`` was built from: same keys,
+    shapes, dtypes and offsets, same metadata and alphas, for the same model (``layout``: its load-plan key)."""
+    new = source.buffer
+    return (old.buffer is not None and new is not None and old.layout is not None and old.layout == layout
+            and new.shape == old.buffer.shape and new.device == old.buffer.device and old.alphas == alphas
+            and old.offsets == {k: i.offsets for k, i in source.infos.items()})
+
+
+@torch.no_grad()
+def copy_buffer(old: Adapter, source: LoraSource, states: list[ComponentState]) -> None:
+    """The hotswap of a file laid out as ``old``'s (see :func:`can_copy_buffer`): one device copy of its data section
+    into the buffer every delta views, then :func:`refresh`."""
+    old.buffer.copy_(source.buffer)
+    refresh([d for modules in old.layers.values() for d in modules.values()], states)
+
+
+def refresh(deltas: list[WeightDelta], states: list[ComponentState]) -> None:
+    """After the values of ``deltas`` changed in place, bring everything derived from them up to date: cached
+    low-rank forms and stacked factors are recomputed in place, layers holding the old values are marked stale (the
+    next sync re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch
+    stacks hold the old values)."""
+    swapped = set()
+    for top in deltas:
+        for d in _nested(top):
+            swapped.add(id(d))
             d.__dict__.pop("_low_rank", None)  # a Tucker core folded into down: stale (plain views would not be)
     batched.refresh(swapped)
     for state in states:

@@ -53,19 +53,17 @@ class LoraSource:
     path: Path | None = None
     size_bytes: int = 0
     tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: the data section, once read in one piece (CUDA loads): every tensor of ``load()`` is a view into it
+    buffer: torch.Tensor | None = field(default=None, repr=False)
 
     def load(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Return every tensor of the source, read straight onto ``device``."""
+        """Return every tensor of the source, read straight onto ``device`` (CPU or CUDA; elsewhere: read to the CPU)."""
         if self.tensors is not None:
             return self.tensors
-        from safetensors.torch import load_file
-
         assert self.path is not None
         try:
-            if torch.device(device).type == "cuda":
-                return self._read_in_one_copy(torch.device(device))
-            return load_file(str(self.path), device=str(device))
-        except Exception as exc:  # safetensors raises its own error types
+            return self._read_in_one_copy(torch.device(device))
+        except Exception as exc:
             raise LoraFileError(f"{self.name}: could not read tensors ({exc}). The file may be truncated or "
                                 f"corrupt: download it again.") from exc
 
@@ -75,7 +73,7 @@ class LoraSource:
         the tensors being views into it. Per-tensor copies cost ~2x on an H200 (218 MB: 86 ms)."""
         with open(self.path, "rb") as fh:
             data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
-        data = read_to_device(self.path, data_start, self.size_bytes - data_start, device)
+        data = self.buffer = read_to_device(self.path, data_start, self.size_bytes - data_start, device)
         out = {}
         for key, info in self.infos.items():
             start, end = info.offsets

@@ -295,14 +295,17 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
     """Build each module's delta on its target's device and dtype (as read, with ``place=False``: conversions)."""
     layers: dict[str, dict[str, WeightDelta]] = {}
     built: dict[int, tuple[WeightDelta, tuple]] = {}  # a fused file layer is built once and split over its targets
-    placed: dict[tuple, torch.Tensor] = {}
+    alphas = file_alphas(plan, tensors)
+    # alphas are read as Python numbers: from the host copies, not one device sync per module
+    placed: dict[tuple, torch.Tensor] = {(key, None): torch.tensor(value) for key, value in alphas.items()}
 
     def reader(where: tuple) -> Callable[[str], torch.Tensor]:
-        if where is None:
-            return tensors.__getitem__
-
         def read(key: str) -> torch.Tensor:  # each file tensor converted once, and only if it must be
+            if (key, None) in placed:
+                return placed[key, None]
             t = tensors[key]
+            if where is None:
+                return t
             if (t.device, t.dtype) == where:
                 return t
             if (key, where) not in placed:
@@ -324,4 +327,14 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
             delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
     return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
-                   metadata=dict(plan.source.metadata), layout=plan.layout)
+                   metadata=dict(plan.source.metadata), layout=plan.layout, alphas=tuple(alphas.values()))
+
+
+def file_alphas(plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The file's one-element ``.alpha`` tensors as numbers (sorted by key), read in one transfer."""
+    keys = sorted({m.keys.fields["alpha"] for m in plan.modules if "alpha" in m.keys.fields})
+    keys = [k for k in keys if tensors[k].numel() == 1]
+    if not keys:
+        return {}
+    values = torch.stack([tensors[k].reshape(()).float() for k in keys]).cpu().tolist()
+    return dict(zip(keys, values))

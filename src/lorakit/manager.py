@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from . import batched, hotswap
+from . import batched
+from . import hotswap as swapping  # `hotswap` is also the diffusers keyword argument
 from .adapter import Adapter
 from .errors import AdapterError, FusingError, LoraError, preview
 from .families import call_scale_kwarg, is_text_encoder, model_family
 from .io import open_source
 from .layers import LayerState
-from .loading import LoadPlan, PlanCache, build_adapter
+from .loading import LoadPlan, PlanCache, build_adapter, file_alphas
 from .scales import ScaleRule, build_rule
 from .state import gc_paused, MODES, ComponentState, FusedEntry
 
@@ -131,6 +132,7 @@ class LoraManager:
         plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
         tensors = source.load(self._load_device(plan))
         adapter = build_adapter(plan, name, self.states, tensors)
+        swapping.keep_buffer(adapter, source)
         self._apply_control(plan, tensors)
         if adapter.components:
             self._register(adapter)
@@ -190,17 +192,17 @@ class LoraManager:
                 raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
                                    f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
-        new = build_adapter(plan, adapter_name, self.states, source.load(self._load_device(plan)))
+        tensors = source.load(self._load_device(plan))
         old = self.adapters[adapter_name]
-        pairs = hotswap.matching_pairs(old, new)
+        if swapping.can_copy_buffer(old, plan.layout, source, tuple(file_alphas(plan, tensors).values())):
+            swapping.copy_buffer(old, source, list(self.states.values()))  # laid out byte for byte as the old file
+            return self._swapped(old, source.name, source.metadata)
+        new = build_adapter(plan, adapter_name, self.states, tensors)
+        pairs = swapping.matching_pairs(old, new)
         if pairs is not None:  # same layout (a new checkpoint of the same run): copy the values in place
-            hotswap.swap_values(pairs, list(self.states.values()))
-            old.source, old.format, old.metadata, old.layout = new.source, new.format, new.metadata, new.layout
-            for state in self.states.values():
-                if adapter_name in state.adapters:
-                    state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at 1.0
-                    state.sync()
-            return adapter_name
+            swapping.swap_values(pairs, list(self.states.values()))
+            old.format, old.layout, old.alphas = new.format, new.layout, new.alphas  # (its buffer, if any, stays)
+            return self._swapped(old, new.source, new.metadata)
         batched.forget(d for modules in old.layers.values() for d in modules.values())
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
@@ -215,6 +217,7 @@ class LoraManager:
             if adapter_name not in state.adapters:
                 state.adapters.append(adapter_name)
             state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at weight 1.0
+        swapping.keep_buffer(new, source)
         self.adapters[adapter_name] = new
         for state in self.states.values():
             if adapter_name in state.adapters and state.name not in new.layers:
@@ -224,6 +227,15 @@ class LoraManager:
             state.version += 1
             state.sync()
         return adapter_name
+
+    def _swapped(self, adapter: Adapter, source: str, metadata: Mapping[str, str]) -> str:
+        """Finish a hotswap that changed ``adapter``'s values in place."""
+        adapter.source, adapter.metadata = source, dict(metadata)
+        for state in self.states.values():
+            if adapter.name in state.adapters:
+                state.rules[adapter.name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at 1.0
+                state.sync()
+        return adapter.name
 
     def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
         """Prepare for hotswapping. lorakit merges adapters into the weights in place, so a hotswap never changes a
