@@ -80,6 +80,7 @@ LABELS = {
     "set_adapters_4": "set_adapters, 4 adapters (call)",
     "set_adapters_4_first": "set_adapters 4 + first forward - plain forward",
     "forward_4": "forward, 4 adapters",
+    "switch_loaded": "set_adapters among loaded adapters (new set and weights) + first forward - plain forward",
     "fuse": "fuse_lora, 2 adapters",
     "forward_fused": "forward, 2 adapters fused",
     "unfuse": "unfuse_lora",
@@ -579,6 +580,21 @@ def step_set_adapters_4(ctx: Ctx, sys: System) -> None:
     set_adapters_and_forward(ctx, sys, list(ctx.four), [0.5, 0.6, 0.7, 0.8], "4 adapters, weighted")
 
 
+def step_switch_loaded(ctx: Ctx, sys: System) -> None:
+    """Switching among adapters loaded earlier (a server's or a UI's common case): each call changes the set and the
+    weights; timed as the call plus its first forward, minus a plain forward right after."""
+    sets = [(["a", "b"], [0.7, 0.8]), (list(ctx.four), [0.5, 0.6, 0.7, 0.8]), (["b", "c"], [0.6, 0.9])]
+    for names, weights in sets:  # each set once, so that both systems have seen it
+        sys.pipe.set_adapters(names, weights)
+        sys.forward()
+    for names, weights in sets:
+        weights = [w * (0.9 + 0.05 * ctx.rep) for w in weights]
+        call_ms, _ = ctx.clock.measure(lambda: sys.pipe.set_adapters(names, weights))
+        first_ms, _ = ctx.clock.measure(lambda: sys.forward())
+        plain_ms, _ = ctx.clock.measure(lambda: sys.forward())
+        ctx.rec.add("switch_loaded", sys.name, call_ms + first_ms - plain_ms)
+
+
 def step_fuse(ctx: Ctx, sys: System) -> None:
     sys.pipe.set_adapters(["a", "b"], [0.7, 0.8])
     ctx.rec.time("fuse", sys.name, lambda: sys.pipe.fuse_lora(adapter_names=["a", "b"], lora_scale=1.0))
@@ -672,6 +688,7 @@ STEPS = (
          ("load_third",), ("2 adapters, weighted",)),
     Step("set_adapters_4", ("set_adapters_4", "set_adapters_4_first", "forward_4"), step_set_adapters_4,
          ("load_fourth",), ("4 adapters, weighted",)),
+    Step("switch_loaded", ("switch_loaded",), step_switch_loaded, ("load_fourth",)),
     Step("fuse", ("fuse", "forward_fused"), step_fuse, ("load_third",), ("2 adapters fused",)),
     Step("unfuse", ("unfuse",), step_unfuse, ("fuse",)),
     Step("delete_1", ("delete_1",), step_delete, ("load_fourth",)),
