@@ -118,10 +118,17 @@ def refresh(deltas: list[WeightDelta], states: list[ComponentState]) -> None:
     for top in deltas:
         for d in _nested(top):
             swapped.add(id(d))
-            d.__dict__.pop("_low_rank", None)  # a Tucker core folded into down: stale (plain views would not be)
+            cached = d.__dict__.get("_low_rank")
+            if cached is not None and not _views_of_fields(d, cached):
+                del d.__dict__["_low_rank"]  # derived (a Tucker core folded into down): recomputed when next asked
     batched.refresh(swapped)
     for state in states:
         _mark_stale(state, swapped)
+
+
+def _views_of_fields(delta: WeightDelta, cached: tuple[torch.Tensor, ...]) -> bool:
+    fields = {t.untyped_storage().data_ptr() for t in delta.tensors().values()}
+    return all(t.untyped_storage().data_ptr() in fields for t in cached)
 
 
 def _mark_stale(state: ComponentState, swapped: set[int]) -> None:
