@@ -81,13 +81,22 @@ def refresh(swapped: set[int]) -> None:
             down.copy_(torch.stack([p[1] for p in pairs]))
 
 
-def eligible(layer: LayerState, contributions: list[Contribution]) -> bool:
-    """Batched merging covers the common case: a weight on a batching device, its backup beside it, low-rank
-    adapters only."""
-    w = layer.weight
-    return (w.device.type in DEVICES and w.is_contiguous() and bool(contributions)
-            and (layer.base is None or layer.base.device == w.device) and layer.base_bias is None
-            and all(d.additive and d.low_rank() is not None for d, _ in contributions))
+def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | None:
+    """The group a layer merges with (same shape, dtype, device, adapter ranks and size class), or None where
+    batched merging does not apply: it covers the common case, a weight on a batching device with its backup beside
+    it and low-rank adapters only. One pass over the layer: plans call this for ~1000 layers per build."""
+    if not contributions or layer.base_bias is not None:
+        return None
+    shape, dtype, device, large = layer.facts()
+    if (device.type not in DEVICES or large is None
+            or (layer.base is not None and layer.base.device != device)):
+        return None
+    ranks = []
+    for d, _ in contributions:
+        if not d.additive or d.low_rank() is None:
+            return None
+        ranks.append(d.rank)
+    return (shape, dtype, device, tuple(ranks), large)
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
@@ -115,13 +124,6 @@ def restore(layers: list[LayerState]) -> None:
         layer.applied = ()
 
 
-def group_key(layer: LayerState, contributions: list[Contribution]) -> tuple:
-    """Layers merge together when they share shape, dtype, device and adapter ranks (and size class)."""
-    w = layer.weight
-    return (w.shape, w.dtype, w.device, tuple(d.rank for d, _ in contributions),
-            w.numel() >= LARGE_ELEMENTS and w.dtype == _compute_dtype(w))
-
-
 def split(key: tuple, members: list) -> list[list]:
     """Cut a group into chunks whose stacked temporaries fit CHUNK_BYTES (large layers need none: one chunk)."""
     shape, dtype, device, _, large = key
@@ -141,12 +143,13 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
         if not contributions and can_restore(layer):
             restores.append(layer)
             continue
-        if not eligible(layer, contributions):
+        key = batch_key(layer, contributions)
+        if key is None:
             layer.write(contributions)
             continue
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
-        groups[group_key(layer, contributions)].append((layer, contributions, signature))
+        groups[key].append((layer, contributions, signature))
     if restores:
         restore(restores)
     chunks = []

@@ -45,11 +45,26 @@ class LayerState:
     branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
     branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
+    _facts: tuple | None = None
     _running: bool = False  # the module's class is swapped for its branch-running subclass
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module._parameters["weight"]  # read on every switch for ~1000 layers: skip Module.__getattr__
+
+    def facts(self) -> tuple[torch.Size, torch.dtype, torch.device, bool | None]:
+        """(shape, dtype, device, whether it is a large layer for batched merging; None: not contiguous), cached
+        while the weight's storage stays where it is (plans ask for ~1000 layers at each build)."""
+        w = self.weight
+        ptr = w.data_ptr()
+        cached = self._facts
+        if cached is None or cached[0] != ptr:
+            from .batched import LARGE_ELEMENTS  # (batched imports this module)
+            device, dtype = w.device, w.dtype
+            large = (w.numel() >= LARGE_ELEMENTS and dtype == (dtype if device.type == "cuda" else torch.float32)
+                     if w.is_contiguous() else None)
+            cached = self._facts = (ptr, (w.shape, dtype, device, large))
+        return cached[1]
 
     def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.

@@ -208,16 +208,17 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
             elif layer.applied != ():
                 plan.singles.append((row, layer, merged))
             continue
-        if not batched.eligible(layer, contributions):
+        group = batched.batch_key(layer, contributions)
+        if group is None:
             plan.singles.append((row, layer, merged))
             continue
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
         clean = resolve(layer) == _signature(contributions)
-        groups[batched.group_key(layer, contributions)].append((row, layer, merged, contributions, clean))
-    for key_, members in groups.items():
-        for part in batched.split(key_, members):
-            chunk = batched._Chunk([(layer, contribs, None) for _, layer, _, contribs, _ in part], key_[-1])
+        groups[group].append((row, layer, merged, contributions, clean))
+    for group, members in groups.items():
+        for part in batched.split(group, members):
+            chunk = batched._Chunk([(layer, contribs, None) for _, layer, _, contribs, _ in part], group[-1])
             plan.chunks.append(_MergeChunk(
                 chunk,
                 rows=torch.tensor([row for row, *_ in part]),
