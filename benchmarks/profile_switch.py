@@ -75,7 +75,7 @@ def main() -> None:
     swaps = [Path(path.parent) / f"swap{i}.safetensors" for i in range(2)]
     for i, target in enumerate(swaps):  # same layout as adapter "a": a new checkpoint of the same run
         save_file(lora_file(comps, seed=10 + i), str(target))
-    resident = [lora_file(comps, seed=20 + i) for i in range(2)]  # already on the GPU
+    resident = [{k: v.to(dev) for k, v in lora_file(comps, seed=20 + i).items()} for i in range(2)]  # on the GPU
     pipe.load_lora_weights(str(swaps[0]), adapter_name="hs")
     pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     w = iter(range(10**6))
