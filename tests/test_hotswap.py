@@ -154,3 +154,25 @@ def test_file_laid_out_alike_is_one_buffer_copy(setup, tmp_path, monkeypatch):
             pipe.set_adapters(names, weights)
             fresh.set_adapters(names, weights)
             assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-5, what=f"file {seed}: {names}")
+
+
+def test_state_dict_hotswap_copies_into_lorakits_own_tensors():
+    """A state dict laid out as the loaded one is copied tensor by tensor into the deltas; the tensors the deltas
+    hold are lorakit's own copies, so neither the first dict nor the second is written to."""
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    first, second = lora_state_dict(pipe, fam, 1), lora_state_dict(pipe, fam, 2)
+    kept_first, kept_second = ({k: v.clone() for k, v in sd.items()} for sd in (first, second))
+    pipe.load_lora_weights(first, adapter_name="a")
+    adapter = manager.adapters["a"]
+    assert adapter.origins, "tensors used as they are: a same-layout hotswap copies into them"
+    deltas = {c: dict(m) for c, m in adapter.layers.items()}
+    pipe.load_lora_weights(second, adapter_name="a", hotswap=True)
+    assert manager.adapters["a"] is adapter and adapter.layers == deltas
+    for sd, kept in ((first, kept_first), (second, kept_second)):
+        assert all(torch.equal(sd[k], kept[k]) for k in kept), "a caller's tensors changed"
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(kept_second, adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

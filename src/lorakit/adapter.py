@@ -74,6 +74,16 @@ class WeightDelta(ABC):
         """The stored tensors by field name (for writers, moving and memory accounting)."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
+    def leaves(self) -> list[torch.Tensor]:
+        """Every tensor this delta holds, its inner deltas' included (caches excluded): what a hotswap overwrites."""
+        out = []
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and not name.startswith("_"):
+                out.append(value)
+            elif isinstance(value, WeightDelta):
+                out += value.leaves()
+        return out
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "WeightDelta":
         """Move every tensor in place; returns self."""
         for k, v in self.tensors().items():
@@ -206,6 +216,9 @@ class Adapter:
     buffer: torch.Tensor | None = field(default=None, repr=False)
     offsets: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
     alphas: tuple[float, ...] = ()
+    #: (tensor, file key) for every tensor of the deltas when each is a file tensor used as it is: a hotswap from a
+    #: state dict of the same layout copies straight into them
+    origins: list[tuple[torch.Tensor, str]] = field(default_factory=list, repr=False)
 
     @property
     def components(self) -> list[str]:

@@ -11,7 +11,7 @@ go through the general path in the manager, which replaces the deltas.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -39,16 +39,6 @@ def layout(delta: WeightDelta) -> tuple:
     return tuple(parts)
 
 
-def _tensor_pairs(old: WeightDelta, new: WeightDelta) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for name, value in vars(old).items():
-        if name.startswith("_"):
-            continue
-        if isinstance(value, torch.Tensor):
-            yield value, getattr(new, name)
-        elif isinstance(value, WeightDelta):
-            yield from _tensor_pairs(value, getattr(new, name))
-
-
 def _nested(delta: WeightDelta) -> Iterator[WeightDelta]:
     yield delta
     for value in vars(delta).values():
@@ -73,9 +63,8 @@ def swap_values(pairs: list[tuple[WeightDelta, WeightDelta]], states: list[Compo
     """Copy each new delta's tensors into the old one, then :func:`refresh` what is derived from them."""
     olds, news = [], []
     for old, new in pairs:
-        for a, b in _tensor_pairs(old, new):
-            olds.append(a)
-            news.append(b)
+        olds += old.leaves()
+        news += new.leaves()  # same layout: the same fields in the same order
     torch._foreach_copy_(olds, news)
     refresh([old for old, _ in pairs], states)
 
@@ -86,8 +75,8 @@ def keep_buffer(adapter: Adapter, source: LoraSource) -> None:
     if buffer is None:
         return
     ptr = buffer.untyped_storage().data_ptr()
-    deltas = [d for modules in adapter.layers.values() for top in modules.values() for d in _nested(top)]
-    if all(t.untyped_storage().data_ptr() == ptr for d in deltas for t in d.tensors().values()):
+    if all(t.untyped_storage().data_ptr() == ptr for m in adapter.layers.values() for d in m.values()
+           for t in d.leaves()):
         adapter.buffer = buffer
         adapter.offsets = {k: i.offsets for k, i in source.infos.items()}
 
@@ -106,6 +95,22 @@ def copy_buffer(old: Adapter, source: LoraSource, states: list[ComponentState]) 
     """The hotswap of a file laid out as ``old``'s (see :func:`can_copy_buffer`): one device copy of its data section
     into the buffer every delta views, then :func:`refresh`."""
     old.buffer.copy_(source.buffer)
+    refresh([d for modules in old.layers.values() for d in modules.values()], states)
+
+
+def can_copy_tensors(old: Adapter, layout: tuple | None, tensors: Mapping[str, torch.Tensor],
+                     alphas: tuple[float, ...]) -> bool:
+    """Whether a source of ``layout`` (its load-plan key: same keys, shapes, dtypes, metadata, model) can be copied
+    tensor by tensor into ``old``, whose deltas hold its file's tensors as they are (``old.origins``)."""
+    return (bool(old.origins) and old.layout is not None and old.layout == layout and old.alphas == alphas
+            and all(key in tensors for _, key in old.origins))
+
+
+@torch.no_grad()
+def copy_tensors(old: Adapter, tensors: Mapping[str, torch.Tensor], states: list[ComponentState]) -> None:
+    """The hotswap of a source laid out as ``old``'s (see :func:`can_copy_tensors`): each of its tensors copied into
+    the one the deltas hold (multi-tensor copies), then :func:`refresh`."""
+    torch._foreach_copy_([t for t, _ in old.origins], [tensors[key] for _, key in old.origins])
     refresh([d for modules in old.layers.values() for d in modules.values()], states)
 
 

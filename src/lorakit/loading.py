@@ -296,17 +296,23 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
     layers: dict[str, dict[str, WeightDelta]] = {}
     built: dict[int, tuple[WeightDelta, tuple]] = {}  # a fused file layer is built once and split over its targets
     alphas = file_alphas(plan, tensors)
-    # alphas are read as Python numbers: from the host copies, not one device sync per module
-    placed: dict[tuple, torch.Tensor] = {(key, None): torch.tensor(value) for key, value in alphas.items()}
+    numbers = {key: torch.tensor(value) for key, value in alphas.items()}  # host copies: no device sync per module
+    placed: dict[tuple, torch.Tensor] = {}  # (key, (device, dtype)) -> converted copy
+    owned: dict[str, torch.Tensor] = {}  # key -> our copy of a caller's tensor
+    origins: dict[int, str] = {}  # id of a tensor the deltas hold as read -> its key
+    borrowed = plan.source.path is None  # an in-memory state dict: its tensors belong to the caller
 
-    def reader(where: tuple) -> Callable[[str], torch.Tensor]:
+    def reader(where: tuple | None) -> Callable[[str], torch.Tensor]:
         def read(key: str) -> torch.Tensor:  # each file tensor converted once, and only if it must be
-            if (key, None) in placed:
-                return placed[key, None]
+            if key in numbers:
+                return numbers[key]
             t = tensors[key]
             if where is None:
                 return t
             if (t.device, t.dtype) == where:
+                if borrowed:  # a hotswap writes into the deltas' tensors: never into the caller's
+                    t = owned[key] = owned[key] if key in owned else t.clone()
+                origins[id(t)] = key
                 return t
             if (key, where) not in placed:
                 placed[key, where] = t.to(*where)
@@ -326,8 +332,25 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
         if place and where != whole[1]:  # a fused layer's targets on different devices or dtypes
             delta.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         layers.setdefault(m.component, {})[m.path] = delta
-    return Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
-                   metadata=dict(plan.source.metadata), layout=plan.layout, alphas=tuple(alphas.values()))
+    adapter = Adapter(name=name, layers=layers, source=plan.source.name, format=plan.parsed.format,
+                      metadata=dict(plan.source.metadata), layout=plan.layout, alphas=tuple(alphas.values()))
+    adapter.origins = _origins(adapter, origins)
+    return adapter
+
+
+def _origins(adapter: Adapter, origins: Mapping[int, str]) -> list[tuple[torch.Tensor, str]]:
+    """(tensor, file key) for every tensor the deltas hold, when each is a file tensor used as it is (else [])."""
+    out, seen = [], set()
+    for modules in adapter.layers.values():
+        for delta in modules.values():
+            for t in delta.leaves():
+                if id(t) not in seen:
+                    key = origins.get(id(t))
+                    if key is None:
+                        return []
+                    seen.add(id(t))
+                    out.append((t, key))
+    return out
 
 
 def file_alphas(plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -194,8 +194,12 @@ class LoraManager:
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
         tensors = source.load(self._load_device(plan))
         old = self.adapters[adapter_name]
-        if swapping.can_copy_buffer(old, plan.layout, source, tuple(file_alphas(plan, tensors).values())):
+        alphas = tuple(file_alphas(plan, tensors).values())
+        if swapping.can_copy_buffer(old, plan.layout, source, alphas):
             swapping.copy_buffer(old, source, list(self.states.values()))  # laid out byte for byte as the old file
+            return self._swapped(old, source.name, source.metadata)
+        if swapping.can_copy_tensors(old, plan.layout, tensors, alphas):
+            swapping.copy_tensors(old, tensors, list(self.states.values()))  # same keys, shapes, dtypes: copy each
             return self._swapped(old, source.name, source.metadata)
         new = build_adapter(plan, adapter_name, self.states, tensors)
         pairs = swapping.matching_pairs(old, new)
@@ -455,11 +459,12 @@ class LoraManager:
             state.version += 1
             state.sync()
 
-    def _forget(self, name: str, component: str) -> None:
+    def _forget(self, name: str, component: str, evict: bool = True) -> None:
         adapter = self.adapters.get(name)
         if adapter is None:
             return
-        batched.forget(adapter.layers.get(component, {}).values())
+        if evict:
+            batched.forget(adapter.layers.get(component, {}).values())
         adapter.layers.pop(component, None)
         if not adapter.components:
             del self.adapters[name]
@@ -483,13 +488,20 @@ class LoraManager:
         Example:
             >>> pipe.unload_lora_weights(reset_to_overwritten_params=True)  # doctest: +SKIP
         """
-        for state in self._states(components):
+        with gc_paused():
+            self._unload(self._states(components), reset_to_overwritten_params)
+
+    def _unload(self, states: list[ComponentState], reset: bool) -> None:
+        deltas = [d for s in states for name in s.adapters if name in self.adapters
+                  for d in self.adapters[name].layers.get(s.name, {}).values()]
+        batched.forget(deltas)  # one pass over the stack cache for every adapter unloaded
+        for state in states:
             state.control.restore_norms(state.model)
             batched.write_many([(layer, state.fused_part(path)) for path, layer in state.layers.items()])
             for layer in state.layers.values():
                 layer.drop()
             for name in list(state.adapters):
-                self._forget(name, state.name)
+                self._forget(name, state.name, evict=False)
             state.layers.clear()
             state.adapters.clear()
             state.active.clear()
@@ -498,7 +510,7 @@ class LoraManager:
             state.enabled = True
             state.version += 1
             state.forget_plans()  # they hold the unloaded deltas
-            if reset_to_overwritten_params:
+            if reset:
                 state.control.reset_widened(state.model, state.index.modules)
                 self._load_plans.clear()
 
