@@ -180,10 +180,10 @@ def plan_load(source: LoraSource, states: Mapping[str, ComponentState], *, scope
 
 
 class PlanCache:
-    """Load plans of recent files, keyed by what planning reads: the header's keys, dtypes and shapes, the metadata
-    (alphas), the arguments, and the components' module indexes. Files from one trainer share all of that (a hotswap
-    of a new checkpoint, a reload), and their ~2,000 keys then need no parsing, mapping or shape checks. Plans that
-    warned (skipped keys, embeddings) are not kept, so the warning repeats on every load."""
+    """Load plans of recent files, keyed by what planning reads: the header's keys, dtypes and shapes, the PEFT
+    metadata (alphas), the arguments, and the components' module indexes. Files from one trainer share all of that
+    (a hotswap of a new checkpoint, a reload), and their ~2,000 keys then need no parsing, mapping or shape checks.
+    Plans that warned (skipped keys, embeddings) are not kept, so the warning repeats on every load."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -194,7 +194,7 @@ class PlanCache:
         """:func:`plan_load`, or a kept plan of a file with the same layout (for ``source``)."""
         indexes = [s.index for s in states.values()]
         key = (tuple(sorted((k, i.dtype, i.shape) for k, i in source.infos.items())),  # a dict's order is the caller's
-               tuple(sorted(source.metadata.items())),
+               source.metadata.get("lora_adapter_metadata"),  # the only metadata planning reads (alphas)
                tuple(scope) if scope is not None else None, prefix, strict, tuple(map(id, indexes)),
                tuple(_placement(s.model) for s in states.values()))  # deltas are built where the weights are
         hit = self._plans.get(key)
