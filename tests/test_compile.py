@@ -42,6 +42,9 @@ def test_compiled_unet_follows_every_state_change_without_recompiling(unet):
         ("enable", pipe.enable_lora, {}),
         ("hotswap", lambda: pipe.load_lora_weights(lora_state_dict(pipe, fam, 5, rank=8, text_encoders=False),
                                                    adapter_name="a", hotswap=True), {}),
+        ("same-layout hotswap (values copied in place)",
+         lambda: pipe.load_lora_weights(lora_state_dict(pipe, fam, 6, rank=8, text_encoders=False),
+                                        adapter_name="a", hotswap=True), {}),
         ("fuse", lambda: pipe.fuse_lora(adapter_names=["a"]), {}),
         ("unfuse", pipe.unfuse_lora, {}),
         ("delete", lambda: pipe.delete_adapters("b"), {}),
@@ -56,6 +59,39 @@ def test_compiled_unet_follows_every_state_change_without_recompiling(unet):
     # The changes really changed the output.
     assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
     assert not torch.allclose(seen[5], seen[6]) and not torch.allclose(seen[6], seen[7])
+    assert not torch.allclose(seen[7], seen[8])
+
+
+def test_compiled_branches_follow_value_changes_without_recompiling():
+    """Runtime-branch mode: a change of weights, a call-time scale and a same-layout hotswap rewrite the branches'
+    tensors in place (scales, stacked factors), so the compiled graph sees them without recompiling."""
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe, mode="branch")
+    for seed, name in ((1, "a"), (2, "b")):
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, seed, text_encoders=False), adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    model = pipe.unet
+    inputs = denoiser_inputs(model)
+    compiled = lorakit.compile(model, fullgraph=True, backend="aot_eager")
+    adapter = manager.adapters["a"]
+
+    @torch.no_grad()
+    def check(tag, **kw):
+        got = compiled(**inputs, **(kw or {"cross_attention_kwargs": None})).sample
+        want = model(**inputs, **(kw or {"cross_attention_kwargs": None})).sample
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), f"{tag}: compiled output differs from eager"
+        return got
+
+    seen = [check("warm-up")]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pipe.set_adapters(["a", "b"], [0.2, 0.9])
+        seen.append(check("weights"))
+        seen.append(check("call-time scale", cross_attention_kwargs={"scale": 0.5}))
+        pipe.load_lora_weights(lora_state_dict(pipe, fam, 7, text_encoders=False), adapter_name="a", hotswap=True)
+        assert manager.adapters["a"] is adapter  # the values were copied into the tensors the branches stack
+        seen.append(check("same-layout hotswap"))
+    assert all(not torch.allclose(x, y) for x, y in zip(seen, seen[1:]))
 
 
 def test_compiled_denoiser_in_a_pipeline_gets_the_call_scale(unet):

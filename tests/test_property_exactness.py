@@ -20,18 +20,18 @@ def _base(dtype):
         unet = FAM.build(dtype).unet
         pool = [to_state_dict(make_lora(unet, seed=s, rank=r, convs=s == 2, targets=ATTENTION_TARGETS, alpha=a,
                                         dtype=dtype), "peft")
-                for s, r, a in ((1, 4, None), (2, 2, 1.0), (3, 8, 16.0))]
+                for s, r, a in ((1, 4, None), (2, 2, 1.0), (3, 8, 16.0), (4, 4, None))]  # 0, 3: one layout
         _BUILT[dtype] = (unet, pool, {k: v.clone() for k, v in unet.named_parameters()})
     return _BUILT[dtype]
 
 
 ops = st.lists(st.one_of(
-    st.tuples(st.just("load"), st.integers(0, 2)),
+    st.tuples(st.just("load"), st.integers(0, 3)),
     st.tuples(st.just("set"), st.lists(st.floats(-2, 2, allow_nan=False, width=16), min_size=1, max_size=3)),
     st.tuples(st.just("scale"), st.floats(-1, 2, allow_nan=False, width=16)),
     st.tuples(st.just("fuse"), st.floats(-1, 2, allow_nan=False, width=16)),
     st.tuples(st.just("unfuse"), st.none()),
-    st.tuples(st.just("hotswap"), st.integers(0, 2)),
+    st.tuples(st.just("hotswap"), st.integers(0, 3)),
     st.tuples(st.just("disable"), st.none()),
     st.tuples(st.just("enable"), st.none()),
     st.tuples(st.just("delete"), st.none()),
