@@ -124,3 +124,29 @@ def test_layers_with_different_adapter_counts_switch_together(monkeypatch):
         pipes[name] = pipe
     for key, p in pipes["chunks"].unet.named_parameters():
         assert torch.allclose(p, pipes["layers"].unet.get_parameter(key), atol=1e-6, rtol=0), key
+
+
+def test_plans_of_other_sets_survive_a_load_on_the_same_layers(monkeypatch):
+    """Loading an adapter onto layers that already hold adapters keeps the plans of other adapter sets: switching
+    back to one lays out nothing, and the outputs equal a pipeline that never had the plan."""
+    fam = family("sd15")
+    built = []
+    real_build = lorakit.plan.build
+    monkeypatch.setattr(lorakit.plan, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    pipe, fresh = fam.build(), fam.build()
+    for p in (pipe, fresh):
+        lorakit.attach(p, mode="merge")
+        for i, name in enumerate("ab"):
+            p.load_lora_weights(lora_state_dict(p, fam, 10 + i), adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.6, 0.3])
+    outputs(pipe, fam)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 12), adapter_name="c")  # same layers as a and b
+    fresh.load_lora_weights(lora_state_dict(fresh, fam, 12), adapter_name="c")
+    before = len(built)
+    pipe.set_adapters(["a", "b"], [0.5, 0.4])
+    assert len(built) == before, "the kept plan of [a, b] was laid out again"
+    fresh.set_adapters(["a", "b"], [0.5, 0.4])
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+    pipe.set_adapters(["c", "a"], [1.0, 0.2])
+    fresh.set_adapters(["c", "a"], [1.0, 0.2])
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

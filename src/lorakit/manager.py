@@ -162,16 +162,20 @@ class LoraManager:
         self.adapters[adapter.name] = adapter
         for comp, modules in adapter.layers.items():
             state = self.states[comp]
+            grew = False
             for path, delta in modules.items():
                 layer = state.layers.get(path)
                 if layer is None:
                     layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
+                    grew = True
                 layer.deltas[adapter.name] = delta
             state.adapters.append(adapter.name)
             if activate:
                 state.active = [adapter.name]  # as diffusers: a new adapter becomes the one active adapter
             state.rules[adapter.name] = ScaleRule()
-            state.version += 1
+            # Plans of other adapter sets stay valid (their layers and deltas did not change) unless layers were added
+            # (a plan covers every layer of the component): switching back to them after a load costs no layout.
+            state.version += grew
             state.sync()
 
     def _hotswap(self, source, adapter_name: str | None, scope, prefix, strict) -> str:
