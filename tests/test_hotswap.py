@@ -176,3 +176,21 @@ def test_state_dict_hotswap_copies_into_lorakits_own_tensors():
     lorakit.attach(fresh)
     fresh.load_lora_weights(kept_second, adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def test_same_layout_hotswap_after_a_partial_delete_restores_every_component(tmp_path):
+    """An adapter deleted from one component no longer holds every module of its file: a hotswap of a file laid out
+    alike must not take the value-copy paths (the text encoder would miss its new layers)."""
+    fam = family("sd15")
+    pipe = fam.build()
+    lorakit.attach(pipe)
+    first = write(lora_state_dict(pipe, fam, 1), tmp_path / "1.safetensors")
+    second = write(lora_state_dict(pipe, fam, 2), tmp_path / "2.safetensors")
+    pipe.load_lora_weights(first, adapter_name="a")
+    pipe.delete_adapters("a", components=["text_encoder"])
+    pipe.load_lora_weights(second, adapter_name="a", hotswap=True)
+    assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(second, adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

@@ -199,10 +199,12 @@ class LoraManager:
         tensors = source.load(self._load_device(plan))
         old = self.adapters[adapter_name]
         alphas = tuple(file_alphas(plan, tensors).values())
-        if swapping.can_copy_buffer(old, plan.layout, source, alphas):
+        # (the value copies need every module the file targets still there: not after a delete from a component)
+        intact = old.num_modules() == len(plan.modules)
+        if intact and swapping.can_copy_buffer(old, plan.layout, source, alphas):
             swapping.copy_buffer(old, source, list(self.states.values()))  # laid out byte for byte as the old file
             return self._swapped(old, source.name, source.metadata)
-        if swapping.can_copy_tensors(old, plan.layout, tensors, alphas):
+        if intact and swapping.can_copy_tensors(old, plan.layout, tensors, alphas):
             swapping.copy_tensors(old, tensors, list(self.states.values()))  # same keys, shapes, dtypes: copy each
             return self._swapped(old, source.name, source.metadata)
         new = build_adapter(plan, adapter_name, self.states, tensors)
@@ -222,8 +224,9 @@ class LoraManager:
                 if layer is None:
                     layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
                 layer.deltas[adapter_name] = delta
-            if adapter_name not in state.adapters:
+            if adapter_name not in state.adapters:  # a component the old adapter did not reach: active there too
                 state.adapters.append(adapter_name)
+                state.active.append(adapter_name)
             state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at weight 1.0
         swapping.keep_buffer(new, source)
         self.adapters[adapter_name] = new
