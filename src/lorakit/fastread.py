@@ -95,7 +95,14 @@ def read_to_device(path: str | os.PathLike, start: int, length: int, device: tor
             if length:
                 _read_parallel(fd, _host_view(out, length), start, pool)
             return out
-        ring, stream = _ring(device), torch.cuda.current_stream(device)
+        try:
+            ring = _ring(device)
+        except RuntimeError:  # no pinned memory to be had (locked-memory limits): read to the host, copy once
+            host = torch.empty(length, dtype=torch.uint8)
+            if length:
+                _read_parallel(fd, _host_view(host, length), start, pool)
+            return out.copy_(host)
+        stream = torch.cuda.current_stream(device)
         for index, offset in enumerate(range(0, length, PIECE_BYTES)):
             size = min(PIECE_BYTES, length - offset)
             pinned, event = ring[index % RING_SLOTS]
