@@ -103,3 +103,20 @@ def test_one_copy_reader_matches_safetensors(tmp_path):
     assert got.keys() == want.keys()
     for key in want:
         assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def test_parallel_read_of_a_byte_range(tmp_path, monkeypatch):
+    """fastread splits a range over its reader threads (uneven parts here) and returns exactly those bytes."""
+    import torch
+
+    from lorakit import fastread
+
+    data = bytes(range(256)) * 41 + b"tail"
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    fastread.release()
+    monkeypatch.setattr(fastread, "THREADS", 3)
+    for start, length in ((0, len(data)), (7, 1000), (len(data) - 5, 5), (3, 0)):
+        got = fastread.read_to_device(path, start, length, torch.device("cpu"))
+        assert bytes(got.tolist()) == data[start:start + length]
+    fastread.release()
