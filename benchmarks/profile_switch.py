@@ -52,6 +52,19 @@ def timed(fn, n: int = 7) -> tuple[float, float]:
     return statistics.median(host), statistics.median(total)
 
 
+def python_profile(fn, sort: str, rows: int, n: int = 3) -> str:
+    """cProfile of ``n`` calls of ``fn`` (until the GPU is done), the top ``rows`` by ``sort``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats(sort).print_stats(rows)
+    return s.getvalue()
+
+
 def main() -> None:
     dev, dt = "cuda", torch.float16
     unet = tm.sdxl_unet(device=dev, dtype=dt)
@@ -96,43 +109,19 @@ def main() -> None:
         h, t = timed(fn)
         print(f"{name:16s} host {h:7.1f} ms   total {t:7.1f} ms")
 
-    for what, op in (("hotswap file", ops["hotswap file"]), ("hotswap dict", ops["hotswap dict"])):
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(3):
-            op()
-        torch.cuda.synchronize()
-        pr.disable()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(25)
-        print(what, "x3", s.getvalue())
+    for what in ("hotswap file", "hotswap dict"):
+        print(what, "x3", python_profile(ops[what], "cumtime", 25))
     if "--hotswap-only" in sys.argv:
         return
     pipe.set_adapters(["a", "b"], [0.5, 0.8])
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(3):
-        ops["set_adapters 2"]()
-    torch.cuda.synchronize()
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(15)
-    print(s.getvalue())
+    print(python_profile(ops["set_adapters 2"], "tottime", 15))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             ops["set_adapters 2"]()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(3):
-        load()
-    torch.cuda.synchronize()
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(30)
-    print(s.getvalue())
+    print(python_profile(load, "cumtime", 30))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
 
 

@@ -14,11 +14,9 @@ from ..adapter import WeightDelta
 from .base import Algorithm, Shape, layer_problem, numel, weight_dims
 
 
-@dataclass
-class Ia3Weights(WeightDelta):
-    weight: torch.Tensor
-    on_input: bool = False
-    alpha: float | None = None
+class _ScalesWeight(WeightDelta):
+    """What both IA3 flavours share: a per-channel scale of the weight, no rank, no alpha scale, no additive form."""
+
     additive = False
 
     @property
@@ -31,6 +29,13 @@ class Ia3Weights(WeightDelta):
 
     def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise TypeError("IA3's delta depends on the weight: use apply(weight, multiplier)")
+
+
+@dataclass
+class Ia3Weights(_ScalesWeight):
+    weight: torch.Tensor
+    on_input: bool = False
+    alpha: float | None = None
 
     def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
         axis = 1 if self.on_input else 0
@@ -61,7 +66,7 @@ ALGORITHM = Algorithm(name="ia3", fields=frozenset({"ia3", "on_input"}), complet
 
 
 @dataclass
-class PeftIa3Weights(WeightDelta):
+class PeftIa3Weights(_ScalesWeight):
     """PEFT's (IA)^3 (``<module>.ia3_l``): ``W' = W * l`` along the output axis, the bias too (``l [out, 1]``, convs
     ``[1, out, 1, 1]``), or along the input axis for PEFT's ``feedforward_modules`` (``l [1, in]``, convs
     ``[1, in, 1, 1]``), the bias unchanged. At multiplier m lorakit uses ``1 + m * (l - 1)``: m = 1 is PEFT's
@@ -70,15 +75,6 @@ class PeftIa3Weights(WeightDelta):
     ia3_l: torch.Tensor
     on_input: bool | None = None  # None until fit() when the tensor alone does not say (a conv's [1, n, 1, 1])
     alpha: float | None = None
-    additive = False
-
-    @property
-    def rank(self) -> int:
-        return 1
-
-    @property
-    def scale(self) -> float:
-        return 1.0
 
     @property
     def scales_bias(self) -> bool:  # type: ignore[override]
@@ -91,9 +87,6 @@ class PeftIa3Weights(WeightDelta):
 
     def _factor(self, multiplier: float) -> torch.Tensor:
         return 1 + multiplier * (self.ia3_l.float().flatten() - 1)
-
-    def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise TypeError("IA3's delta depends on the weight: use apply(weight, multiplier)")
 
     def apply(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
         view = [1] * weight.dim()
