@@ -110,7 +110,12 @@ def can_copy_tensors(old: Adapter, layout: tuple | None, tensors: Mapping[str, t
 def copy_tensors(old: Adapter, tensors: Mapping[str, torch.Tensor], states: list[ComponentState]) -> None:
     """The hotswap of a source laid out as ``old``'s (see :func:`can_copy_tensors`): each of its tensors copied into
     the one the deltas hold (multi-tensor copies), then :func:`refresh`."""
-    torch._foreach_copy_([t for t, _ in old.origins], [tensors[key] for _, key in old.origins])
+    dst, src = [t for t, _ in old.origins], [tensors[key] for _, key in old.origins]
+    if all(a.device == b.device for a, b in zip(dst, src)):
+        torch._foreach_copy_(dst, src)
+    else:  # a state dict in host memory for a model on the GPU: tensor by tensor
+        for a, b in zip(dst, src):
+            a.copy_(b)
     refresh([d for modules in old.layers.values() for d in modules.values()], states)
 
 
