@@ -408,6 +408,8 @@ class Ctx:
     memory: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     compile_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # an untouched copy of the denoiser, timed right after each forward op: its "x base" divides by these times
+    reference: Callable[[], Any] | None = None
 
     def mem(self, system: str, key: str, value: int) -> None:
         if self.clock.cuda and self.rec.measuring:
@@ -494,6 +496,9 @@ def timed_forwards(ctx: Ctx, sys: System, op: str, n: int, scale: float | None =
             ms, out = ctx.clock.measure(lambda: sys.forward(scale))
             ctx.rec.add(op, sys.name, ms)
             times.append(ms)
+    if ctx.reference is not None:  # the same forward on an untouched model, seconds later: a base free of drift
+        for _ in range(max(1, n)):
+            ctx.rec.add(f"{op}{REFERENCE}", sys.name, ctx.clock.measure(ctx.reference)[0])
     return out, peak[0], times
 
 
@@ -879,6 +884,9 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+REFERENCE = "@reference"  # suffix of the ops that time the untouched denoiser
+
+
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -888,19 +896,23 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def op_summary(ctx: Ctx) -> dict[str, dict[str, Any]]:
-    base = {s: median(ctx.rec.ops["forward_base"].samples[s]) if "forward_base" in ctx.rec.ops else None
-            for s in SYSTEMS}
+    overall = {s: median(ctx.rec.ops["forward_base"].samples[s]) if "forward_base" in ctx.rec.ops else None
+               for s in SYSTEMS}
     out: dict[str, dict[str, Any]] = {}
-    order = [op for op in LABELS if op in ctx.rec.ops] + [op for op in ctx.rec.ops if op not in LABELS]
+    order = [op for op in LABELS if op in ctx.rec.ops] + [op for op in ctx.rec.ops if op not in LABELS
+                                                           and not op.endswith(REFERENCE)]
     for op in order:
         result = ctx.rec.ops[op]
         if not any(result.samples.values()) and not result.errors:
             continue
+        ref = ctx.rec.ops.get(f"{op}{REFERENCE}")
+        base = {s: median(ref.samples[s]) for s in SYSTEMS} if ref is not None else overall
         peft, ours = median(result.samples["peft"]), median(result.samples["lorakit"])
         out[op] = {"label": LABELS.get(op, op), "peft_ms": peft, "lorakit_ms": ours,
                    "speedup_peft_over_lorakit": ratio(peft, ours), "lorakit_over_peft": ratio(ours, peft),
                    "peft_vs_base": ratio(peft, base["peft"]), "lorakit_vs_base": ratio(ours, base["lorakit"]),
                    "samples_ms": result.samples, "errors": result.errors, "error_count": result.error_count,
+                   "base_ms": base, "base": "untouched copy, timed right after" if ref is not None else "forward_base",
                    "note": NOTES.get(op, "")}
     return out
 
@@ -965,8 +977,10 @@ def report(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [f"## diffusers+PEFT vs lorakit: {meta.get('model')} on {meta.get('device_name')}",
              "", "```", *(f"{k}: {v}" for k, v in meta.items() if k not in ("argv",)), "```", ""]
-    lines += op_table(result["ops"]) + [""]
-    lines += check_table(result) + [""]
+    lines += op_table(result["ops"])
+    if any(r.get("base") != "forward_base" for r in result["ops"].values() if r.get("peft_vs_base") is not None):
+        lines += ["(x base fwd of forward ops: against an untouched copy of the denoiser timed right after them)"]
+    lines += [""] + check_table(result) + [""]
     lines += memory_table(result["memory"])
     if result["notes"]:
         lines += ["", "Notes:"] + [f"- {k}: {v}" for k, v in result["notes"].items()]
@@ -1014,6 +1028,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 avoids stalls on a CPU shared with other jobs")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing ops")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="time an untouched copy of the denoiser after each forward op and report 'x base' against "
+                        "it (default: on for CUDA; the GPU drifts between steps)")
     args = p.parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.device = args.device or ("cuda" if cuda else "cpu")
@@ -1022,6 +1039,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.repeats = 2 if args.quick else (5 if cuda else 3)
     if args.forwards is None:
         args.forwards = 3 if cuda or args.quick else 1
+    if args.reference is None:
+        args.reference = cuda
     if args.json is None and os.environ.get("OUT"):
         args.json = str(Path(os.environ["OUT"]) / "bench.json")
     return args
@@ -1144,6 +1163,10 @@ class Bench:
         ids = {te: text_ids(getattr(pipes["peft"], te), device) for te in spec.text_encoders}
         clock = Clock(device)
         self.ctx = Ctx(args, spec, clock, Recorder(clock), files, base, args.forwards)
+        if args.reference:  # a third copy of the denoiser, never given a LoRA
+            untouched = getattr(build_pipeline(spec, args.quick, device, dtype), spec.denoiser)
+            kwargs = {**inputs, spec.call_kwarg: None, "return_dict": False}
+            self.ctx.reference = lambda: untouched(**kwargs)[0]
         return [System(name, pipes[name], spec, inputs, ids) for name in SYSTEMS]
 
     def run(self) -> None:
