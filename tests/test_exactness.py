@@ -92,3 +92,30 @@ def test_fuse_unload_then_compile(tmp_path):
     want = outputs(pipe, fam)
     pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
     assert_close(outputs(pipe, fam), want, atol=1e-6)
+
+
+def test_branch_layers_pickle_and_copy_as_plain_layers():
+    """torch.save(model) and copy.deepcopy of a model running branches give plain layers of the original classes
+    holding what state_dict shows (base plus fused), not the live adapters; the live model is unchanged."""
+    import copy
+    import io
+
+    from helpers import denoiser_inputs
+
+    fam = family("sd15")
+    pipe, base = fam.build(), fam.build()
+    lorakit.attach(pipe, mode="branch")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    unet = pipe.unet
+    buf = io.BytesIO()
+    torch.save(unet, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    inputs = denoiser_inputs(unet)
+    with torch.no_grad():
+        want, live = base.unet(**inputs).sample, unet(**inputs).sample
+        for copied in (saved, copy.deepcopy(unet)):
+            assert torch.equal(copied(**inputs).sample, want)
+            layer = copied.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+            assert type(layer) is torch.nn.Linear and not hasattr(layer, "_lorakit_layer")
+        assert torch.equal(unet(**inputs).sample, live) and not torch.allclose(live, want)

@@ -17,6 +17,7 @@ Memory: one exact copy of every targeted weight, on the weight's device unless `
 
 from __future__ import annotations
 
+import copyreg
 from dataclasses import dataclass, field
 
 import torch
@@ -256,5 +257,15 @@ def _branch_class(cls: type) -> type:
             return self._lorakit_layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
 
         made = _BRANCH_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": forward, "_lorakit_base": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            "forward": forward, "_lorakit_base": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__reduce_ex__": _reduce_as_base})
     return made
+
+
+def _reduce_as_base(module: nn.Module, protocol: int) -> tuple:
+    """Pickle (``torch.save(model)``) and ``copy.deepcopy`` a branch-running layer as its own class without the
+    branch: what ``state_dict`` shows too (base plus fused adapters). A copy is not attached to any manager, so a
+    branch in it could never be changed or removed."""
+    state = {k: v for k, v in module.__dict__.items() if k != "_lorakit_layer"}
+    # (stdlib only, so loading needs no lorakit; Module.__setstate__ then takes the state)
+    return copyreg._reconstructor, (module._lorakit_base, object, None), state
