@@ -263,9 +263,17 @@ def _branch_class(cls: type) -> type:
 
 
 def _reduce_as_base(module: nn.Module, protocol: int) -> tuple:
-    """Pickle (``torch.save(model)``) and ``copy.deepcopy`` a branch-running layer as its own class without the
-    branch: what ``state_dict`` shows too (base plus fused adapters). A copy is not attached to any manager, so a
-    branch in it could never be changed or removed."""
+    """Pickle (``torch.save(model)``) and ``copy.deepcopy`` a branch-running layer as a plain layer of its own class
+    whose weight holds what it runs (its weight plus the branch, merged), as a layer in merge mode would be copied. A
+    copy is attached to no manager: its branch could never be changed or removed, so it is not kept as one."""
     state = {k: v for k, v in module.__dict__.items() if k != "_lorakit_layer"}
+    layer: LayerState = module._lorakit_layer
+    if layer.branch is not None:
+        a, b = layer.branch
+        w = module._parameters["weight"]
+        with torch.no_grad():
+            merged = torch.addmm(w.reshape(w.shape[0], -1).float(), (b.flatten(1) * layer.branch_scale).float(),
+                                 a.flatten(1).float()).to(w.dtype).reshape(w.shape)
+        state["_parameters"] = {**state["_parameters"], "weight": nn.Parameter(merged, requires_grad=w.requires_grad)}
     # (stdlib only, so loading needs no lorakit; Module.__setstate__ then takes the state)
     return copyreg._reconstructor, (module._lorakit_base, object, None), state
