@@ -123,3 +123,24 @@ def test_branch_layers_pickle_and_copy_as_plain_layers():
         assert torch.equal(unet(**inputs).sample, live)
     pipe.unload_lora_weights()
     assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+
+
+def test_branch_runs_on_layers_whose_forward_is_patched():
+    """accelerate's offload hooks replace a layer's forward on the instance; the branch must still run there."""
+    fam = family("sd15")
+    pipe, plain = fam.build(), fam.build()
+    patched = [m for n, m in pipe.unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_v"))]
+    for module in patched:
+        original = module.forward
+        module.forward = lambda *args, _f=original, **kwargs: _f(*args, **kwargs)
+    for p in (pipe, plain):
+        lorakit.attach(p, mode="branch")
+        p.load_lora_weights(lora_state_dict(p, fam, 1), adapter_name="a")
+        p.set_adapters("a", 0.8)
+    assert_close(outputs(pipe, fam), outputs(plain, fam), atol=1e-6)
+    assert all(type(m) is torch.nn.Linear for m in patched)  # hooked, not swapped
+    pipe.set_adapters("a", 0.3)
+    plain.set_adapters("a", 0.3)
+    assert_close(outputs(pipe, fam), outputs(plain, fam), atol=1e-6)
+    pipe.unload_lora_weights()
+    assert all(not m._forward_hooks for m in patched)

@@ -47,7 +47,7 @@ class LayerState:
     branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
     _facts: tuple | None = None
-    _running: bool = False  # the module's class is swapped for its branch-running subclass
+    _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
 
     @property
     def weight(self) -> torch.Tensor:
@@ -201,17 +201,28 @@ class LayerState:
     def _run(self, on: bool) -> None:
         """Swap the module's class for its branch-running subclass, or back. A subclass rather than a forward hook:
         a hook sends every call through Module's slow path, and eager forwards of diffusers' denoisers are bound by
-        host time (an SDXL UNet at 1024px on an H200: ~42 ms of GPU work in an 86 ms step)."""
-        if on == self._running:
+        host time (an SDXL UNet at 1024px on an H200: ~42 ms of GPU work in an 86 ms step). A module whose forward
+        is patched on the instance (accelerate's offload hooks do that) would never call the subclass's forward: it
+        gets a forward hook instead."""
+        if on == bool(self._running):
             return
         module = self.module
-        if on:
+        if on and "forward" in module.__dict__:
+            self._running = module.register_forward_hook(self._hooked)
+        elif on:
             module._lorakit_layer = self
             module.__class__ = _branch_class(type(module))
-        else:
+            self._running = True
+        elif self._running is True:
             module.__class__ = module.__class__._lorakit_base
             del module._lorakit_layer
-        self._running = on
+            self._running = False
+        else:
+            self._running.remove()
+            self._running = False
+
+    def _hooked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.run_branch(module, inputs[0], output)
 
     def run_branch(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output`` (the layer's own) plus this layer's branch on its input ``x``."""
