@@ -120,3 +120,30 @@ def test_parallel_read_of_a_byte_range(tmp_path, monkeypatch):
         got = fastread.read_to_device(path, start, length, torch.device("cpu"))
         assert bytes(got.tolist()) == data[start:start + length]
     fastread.release()
+
+
+def test_reads_work_in_a_forked_child(tmp_path):
+    """The reader threads do not survive a fork: a child process reads with threads of its own (no hang)."""
+    import multiprocessing
+
+    import torch
+
+    from lorakit import fastread
+
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(200)) * 50)
+    fastread.read_to_device(path, 0, 10_000, torch.device("cpu"))  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_read_in_child, args=(str(path),))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the child could not read (or hung)"
+
+
+def _read_in_child(path: str) -> None:
+    import torch
+
+    from lorakit import fastread
+
+    got = fastread.read_to_device(path, 100, 500, torch.device("cpu"))
+    raise SystemExit(0 if bytes(got.tolist()) == (bytes(range(200)) * 50)[100:600] else 1)

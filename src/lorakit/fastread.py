@@ -27,6 +27,17 @@ _pool: ThreadPoolExecutor | None = None
 _rings: dict[torch.device, list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
 
 
+def _forget_after_fork() -> None:
+    """A forked child has none of the parent's reader threads (a pool that believes it has them would hang): start
+    afresh there."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+    _rings.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def release() -> None:
     """Free the pinned staging memory and the reader threads (they are recreated on the next read)."""
     global _pool
