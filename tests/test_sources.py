@@ -147,3 +147,19 @@ def _read_in_child(path: str) -> None:
 
     got = fastread.read_to_device(path, 100, 500, torch.device("cpu"))
     raise SystemExit(0 if bytes(got.tolist()) == (bytes(range(200)) * 50)[100:600] else 1)
+
+
+def test_reads_without_preadv(tmp_path, monkeypatch):
+    """Platforms without os.preadv (Windows) read the range with one positioned read."""
+    import os
+
+    import torch
+
+    from lorakit import fastread
+
+    data = bytes(range(256)) * 8
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    monkeypatch.delattr(os, "preadv")
+    got = fastread.read_to_device(path, 13, 1500, torch.device("cpu"))
+    assert bytes(got.tolist()) == data[13:1513]

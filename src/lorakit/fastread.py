@@ -82,7 +82,18 @@ def _host_view(pinned: torch.Tensor, length: int) -> memoryview:
 
 
 def _read_parallel(fd: int, buffer: memoryview, offset: int, pool: ThreadPoolExecutor) -> None:
-    """Fill ``buffer`` from ``fd`` at ``offset``, split over the reader threads."""
+    """Fill ``buffer`` from ``fd`` at ``offset``, split over the reader threads (one positioned read where the
+    platform has no ``preadv``: Windows)."""
+    if not hasattr(os, "preadv"):
+        os.lseek(fd, offset, os.SEEK_SET)
+        with open(fd, "rb", buffering=0, closefd=False) as fh:
+            done = 0
+            while done < len(buffer):
+                n = fh.readinto(buffer[done:])
+                if not n:
+                    raise OSError(f"unexpected end of file at byte {offset + done}")
+                done += n
+        return
     step = max(1, -(-len(buffer) // THREADS))
     parts = [pool.submit(_pread_all, fd, buffer[i:i + step], offset + i) for i in range(0, len(buffer), step)]
     for part in parts:
