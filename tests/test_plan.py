@@ -150,3 +150,47 @@ def test_plans_of_other_sets_survive_a_load_on_the_same_layers(monkeypatch):
     pipe.set_adapters(["c", "a"], [1.0, 0.2])
     fresh.set_adapters(["c", "a"], [1.0, 0.2])
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def test_fusing_the_merged_mix_writes_nothing_and_stays_exact(monkeypatch):
+    """fuse_lora of exactly the live mix at lora_scale 1 keeps the weights as merged (no plan laid out); every later
+    state equals a pipeline whose fuse laid out a plan, and unload restores the base bit-exactly."""
+    fam = family("sd15")
+    built = []
+    real_build = lorakit.plan.build
+    monkeypatch.setattr(lorakit.plan, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    pipes = {}
+    for name, devices in (("chunks", ("cpu",)), ("layers", ())):
+        monkeypatch.setattr(batched, "DEVICES", devices)
+        pipes[name] = _pipeline(fam, "merge", devices, monkeypatch)
+    ref = _pipeline(fam, "merge", (), monkeypatch)
+    monkeypatch.setattr(ref._lorakit_manager.states["unet"], "merged_live", lambda: None)
+    monkeypatch.setattr(ref._lorakit_manager.states["text_encoder"], "merged_live", lambda: None)
+    steps = [
+        ("mix", lambda p: p.set_adapters(["a", "b"], [0.7, 0.4])),
+        ("fuse the mix", lambda p: p.fuse_lora(adapter_names=["a", "b"])),
+        ("weights of fused adapters", lambda p: p.set_adapters(["a", "b"], [0.1, 0.2])),
+        ("another adapter on top", lambda p: p.set_adapters(["c"], [0.5])),
+        ("unfuse", lambda p: p.unfuse_lora()),
+        ("mix again", lambda p: p.set_adapters(["b", "c"], [0.3, 0.9])),
+        ("fuse again", lambda p: p.fuse_lora(adapter_names=["b", "c"])),
+        ("disable", lambda p: p.disable_lora()),
+        ("enable", lambda p: p.enable_lora()),
+        ("delete a", lambda p: p.delete_adapters("a")),
+    ]
+    for what, step in steps:
+        before = len(built)
+        for name, pipe in pipes.items():
+            monkeypatch.setattr(batched, "DEVICES", ("cpu",) if name == "chunks" else ())
+            step(pipe)
+        if what.startswith("fuse"):
+            assert len(built) == before, f"{what}: a plan was laid out"
+        monkeypatch.setattr(batched, "DEVICES", ())
+        step(ref)
+        for name, pipe in pipes.items():
+            assert_close(outputs(pipe, fam), outputs(ref, fam), atol=1e-5, what=f"{name}, {what}")
+    base = params(family("sd15").build().unet)
+    for pipe in pipes.values():
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        assert all(torch.equal(v, base[k]) for k, v in pipe.unet.named_parameters())  # the weights, not a view

@@ -405,6 +405,7 @@ class LoraManager:
         if names is not None:
             self._check_names(names)
         entries: list[tuple[ComponentState, FusedEntry]] = []
+        merged = {state.name: state.merged_live() for state in states}
         for state in states:
             fused = set(state.fused_names())
             chosen = [n for n in (names if names is not None else state.active) if n in state.adapters and n not in fused]
@@ -424,7 +425,11 @@ class LoraManager:
         for state, entry in entries:
             state.fused.append(entry)
         for state in {id(s): s for s, _ in entries}.values():
-            state.sync()
+            fusing = [e.adapter for s, e in entries if s is state]
+            if lora_scale == 1.0 and merged[state.name] == fusing and not state._live_rules():
+                state.hold()  # the weights hold exactly these contributions already: nothing to write or lay out
+            else:
+                state.sync()
 
     def unfuse_lora(self, components: Sequence[str] | None = None, **deprecated: Any) -> None:
         """Remove every fused adapter from these components; base weights come back bit-exactly. As diffusers, norm

@@ -63,6 +63,7 @@ class ComponentState:
     _index: ModuleIndex | None = None
     _plan: plan.SwitchPlan | None = None
     _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # recent plans, oldest first
+    _held: tuple | None = None  # a structure key the weights hold without a plan of its own (see hold())
 
     @property
     def index(self) -> ModuleIndex:
@@ -103,12 +104,10 @@ class ComponentState:
 
         A change of structure (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of
         weights or call-time scale only reruns the current one (see :mod:`lorakit.plan`)."""
-        mode = self.resolved_mode()
-        live = self._live_rules()
-        fused = self.fused if self.enabled else []
-        param = next(self.model.parameters(), None)
-        key = (mode, self.enabled, tuple(name for name, _, _ in live), tuple(id(f) for f in fused), self.version,
-               None if param is None else (param.device, param.dtype))
+        mode, live, fused, key = self._structure()
+        if key == self._held:
+            return  # the weights already hold this structure, which has no live adapter to rescale (see hold())
+        self._held = None
         factors = [uniform for _, _, uniform in live]
         per_path = {j: [rule(path) * self.call_scale for path in self.layers]
                     for j, (_, rule, uniform) in enumerate(live) if uniform is None}
@@ -117,9 +116,34 @@ class ComponentState:
                 self._plan = self._next_plan(key, mode, live, fused, factors, per_path)
             self._plan.run(factors, per_path)
 
+    def _structure(self) -> tuple[str, list, list[FusedEntry], tuple]:
+        """(mode, live adapters, fused entries, the key a switch plan is kept under)."""
+        mode = self.resolved_mode()
+        live = self._live_rules()
+        fused = self.fused if self.enabled else []
+        param = next(self.model.parameters(), None)
+        key = (mode, self.enabled, tuple(name for name, _, _ in live), tuple(id(f) for f in fused), self.version,
+               None if param is None else (param.device, param.dtype))
+        return mode, live, fused, key
+
+    def merged_live(self) -> list[str] | None:
+        """The live adapters whose contributions the weights hold right now (merge mode, the current plan run for
+        the current structure at call-time scale 1), or None when that is not known to hold."""
+        mode, live, fused, key = self._structure()
+        if (mode != "merge" or fused or self.call_scale != 1.0 or self._plan is None or self._plan.key != key
+                or self._plan.branches or self._plan.branch_singles):
+            return None
+        return [name for name, _, _ in live]
+
+    def hold(self) -> None:
+        """Declare that the weights already hold the current structure (fusing exactly the live mix, which the
+        current plan merged at the same multipliers): the next syncs of this structure do nothing, and a plan is
+        laid out only when the structure changes again. Valid only where the structure has no live adapter."""
+        self._held = self._structure()[3]
+
     def forget_plans(self) -> None:
         """Drop the current and kept switch plans (after unload: they reference the deltas that were unloaded)."""
-        self._plan, self._plans = None, {}
+        self._plan, self._plans, self._held = None, {}, None
 
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
