@@ -87,8 +87,8 @@ def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | N
     it and low-rank adapters only. One pass over the layer: plans call this for ~1000 layers per build."""
     if not contributions or layer.base_bias is not None:
         return None
-    shape, dtype, device, large = layer.facts()
-    if (device.type not in DEVICES or large is None
+    shape, dtype, device, compute, contiguous = layer.facts()
+    if (device.type not in DEVICES or not contiguous
             or (layer.base is not None and layer.base.device != device)):
         return None
     ranks = []
@@ -96,7 +96,7 @@ def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | N
         if not d.additive or d.low_rank() is None:
             return None
         ranks.append(d.rank)
-    return (shape, dtype, device, tuple(ranks), large)
+    return (shape, dtype, device, tuple(ranks), shape.numel() >= LARGE_ELEMENTS and dtype == compute)
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:

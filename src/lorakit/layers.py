@@ -53,18 +53,14 @@ class LayerState:
     def weight(self) -> torch.Tensor:
         return self.module._parameters["weight"]  # read on every switch for ~1000 layers: skip Module.__getattr__
 
-    def facts(self) -> tuple[torch.Size, torch.dtype, torch.device, bool | None]:
-        """(shape, dtype, device, whether it is a large layer for batched merging; None: not contiguous), cached
-        while the weight's storage stays where it is (plans ask for ~1000 layers at each build)."""
+    def facts(self) -> tuple[torch.Size, torch.dtype, torch.device, torch.dtype, bool]:
+        """(shape, dtype, device, compute dtype, contiguous) of the weight, cached while its storage stays where it
+        is (plans ask for ~1000 layers at each build)."""
         w = self.weight
         ptr = w.data_ptr()
         cached = self._facts
         if cached is None or cached[0] != ptr:
-            from .batched import LARGE_ELEMENTS  # (batched imports this module)
-            device, dtype = w.device, w.dtype
-            large = (w.numel() >= LARGE_ELEMENTS and dtype == (dtype if device.type == "cuda" else torch.float32)
-                     if w.is_contiguous() else None)
-            cached = self._facts = (ptr, (w.shape, dtype, device, large))
+            cached = self._facts = (ptr, (w.shape, w.dtype, w.device, self._compute_dtype(), w.is_contiguous()))
         return cached[1]
 
     def _compute_dtype(self) -> torch.dtype:
