@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .adapter import WeightDelta
 from .layers import Contribution, LayerState, _signature
 
@@ -185,8 +186,7 @@ def merge_chunk(chunk: _Chunk, mults: torch.Tensor, mark: tuple = PLAN_WRITTEN) 
     """Write ``base + sum_j mults[:, j] * up_j @ down_j`` into every member's weight; each member's ``applied``
     becomes its signature, or ``mark`` where the chunk has none (a switch plan's, see plan.py)."""
     members = chunk.members
-    first = members[0][0].weight
-    shape, cdtype = first.shape, _compute_dtype(first)
+    cdtype = _compute_dtype(members[0][0].weight)
     ups, downs = [], []
     for j in range(len(members[0][1])):
         up, down = _stacked([contributions[j][0] for _, contributions, _ in members], cdtype)
@@ -196,13 +196,22 @@ def merge_chunk(chunk: _Chunk, mults: torch.Tensor, mark: tuple = PLAN_WRITTEN) 
         downs.append(down)
     up = ups[0] if len(ups) == 1 else torch.cat(ups, 2)
     down = downs[0] if len(downs) == 1 else torch.cat(downs, 1)
-    if chunk.large:  # the weight is in the compute dtype (see write_many's key): write it straight from its backup
-        for i, (layer, _, _) in enumerate(members):
-            torch.addmm(layer.base.view(shape[0], -1), up[i], down[i], out=layer.weight.view(shape[0], -1))
-    else:
-        acc = torch.stack([layer.base for layer, _, _ in members]).to(cdtype)
-        acc.view(len(members), shape[0], -1).baddbmm_(up, down)
-        # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
-        torch._foreach_copy_([layer.weight for layer, _, _ in members], list(acc.to(first.dtype).unbind(0)))
+    _write(chunk, up, down)
     for layer, _, signature in members:
         layer.applied = signature if signature is not None else mark
+
+
+def _write(chunk: _Chunk, up: torch.Tensor, down: torch.Tensor) -> None:
+    """``weight = base + up @ down`` for every member (``up``/``down`` stacked over the members, compute dtype)."""
+    weights = [layer.weight for layer, _, _ in chunk.members]
+    bases = [layer.base for layer, _, _ in chunk.members]
+    first = weights[0]
+    rows = first.shape[0]
+    if chunk.large:  # the weight is in the compute dtype (see batch_key): write it straight from its backup
+        for i, (w, base) in enumerate(zip(weights, bases)):
+            torch.addmm(base.view(rows, -1), up[i], down[i], out=w.view(rows, -1))
+    elif not (up.dtype == first.dtype and kernels.try_merge(weights, bases, up, down)):
+        acc = torch.stack(bases).to(up.dtype)  # (with the kernel: each backup read once, each weight written once)
+        acc.view(len(weights), rows, -1).baddbmm_(up, down)
+        # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
+        torch._foreach_copy_(weights, list(acc.to(first.dtype).unbind(0)))
