@@ -8,10 +8,12 @@ its text encoders), not arithmetic. Layers are grouped by weight shape and adapt
          = baddbmm(stack(base), cat_j(stack(up_j) * m[:, j]), cat_j(stack(down_j)))
 
 Per adapter, its stacked factors over a group are cached, so a switch costs per group: one multiply per adapter,
-one concatenation, one ``baddbmm`` and one multi-tensor copy back; every multiplier of the switch crosses to the
-device in one transfer. Very large layers (Flux's 3072x12288 and up) take the same scaled factors but one ``addmm``
-each, straight from the backup into the weight: two passes over the weight fewer than the batched route, which
-there saves more GPU time than the ~50 us of host time per call costs (benchmarks/profile_switch.py measures both).
+one concatenation, and the write; every multiplier of the switch crosses to the device in one transfer. On CUDA in
+fp16/bf16 the write is one Triton kernel that reads each backup once and writes each weight once (kernels.py).
+Elsewhere (fp32, the CPU, no Triton, or while the kernel compiles) it is BLAS: the backups stacked, one ``baddbmm``
+and one multi-tensor copy back; very large layers (Flux's 3072x12288 and up) take one ``addmm`` each there,
+straight from the backup into the weight: two passes over the weight fewer than the batched route, which saves more
+GPU time than the ~50 us of host time per call costs (benchmarks/profile_switch.py measures both).
 
 Numerics match the per-layer path: each adapter's multiplier is applied to its ``up`` factor in fp32 and rounded
 once to the compute dtype; on the GPU the product runs in the weight's dtype (cuBLAS accumulates in fp32).
@@ -206,12 +208,14 @@ def _write(chunk: _Chunk, up: torch.Tensor, down: torch.Tensor) -> None:
     weights = [layer.weight for layer, _, _ in chunk.members]
     bases = [layer.base for layer, _, _ in chunk.members]
     first = weights[0]
+    if up.dtype == first.dtype and kernels.try_merge(weights, bases, up, down):
+        return  # each backup read once, each weight written once (see kernels.py)
     rows = first.shape[0]
     if chunk.large:  # the weight is in the compute dtype (see batch_key): write it straight from its backup
         for i, (w, base) in enumerate(zip(weights, bases)):
             torch.addmm(base.view(rows, -1), up[i], down[i], out=w.view(rows, -1))
-    elif not (up.dtype == first.dtype and kernels.try_merge(weights, bases, up, down)):
-        acc = torch.stack(bases).to(up.dtype)  # (with the kernel: each backup read once, each weight written once)
-        acc.view(len(weights), rows, -1).baddbmm_(up, down)
-        # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
-        torch._foreach_copy_(weights, list(acc.to(first.dtype).unbind(0)))
+        return
+    acc = torch.stack(bases).to(up.dtype)
+    acc.view(len(weights), rows, -1).baddbmm_(up, down)
+    # Parameters are written in place (sync runs under no_grad); no per-layer view or detach: host time counts
+    torch._foreach_copy_(weights, list(acc.to(first.dtype).unbind(0)))
