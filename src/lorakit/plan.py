@@ -9,6 +9,8 @@ multiplier (fused) or a column of the live adapters' factor table. A multiplier-
     merge:  per chunk of same-shaped layers    m = static * F[rows, cols]  ->  one transfer, batched.merge_chunk
     branch: per device/dtype, one buffer that every layer's per-rank scale vector is a view of
             buffer = static_per_rank * F[rank_rows, rank_cols]
+            then per input width, one buffer that every layer's scaled down factor is a view of
+            scaled = unscaled * buffer[ranks of that width, None]      (fp32, rounded once to the layers' dtype)
 
 a few vectorised operations in all, instead of Python for each of ~1000 layers (SDXL with its text encoders).
 Layers the batched path does not cover (non-additive algorithms, weights off the batching devices) are written one
@@ -55,10 +57,17 @@ class _MergeChunk:
 
 @dataclass
 class _BranchBuffer:
-    buffer: torch.Tensor  # every branch layer's per-rank scales, in the layers' dtype, on their device
+    buffer: torch.Tensor  # every branch layer's per-rank scales, fp32, on their device
     rows: torch.Tensor  # [R]
     cols: torch.Tensor  # [R]
     static: torch.Tensor  # [R] float64
+    # per input width: (stacked unscaled down factors [R_w, width], their scaled form, buffer[ranks of width, None])
+    widths: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def rescale(self) -> None:
+        """Every layer's scaled down factor from the current scales: one operation per input width."""
+        for down, scaled, scale in self.widths:
+            torch.mul(down, scale, out=scaled)
 
 
 @dataclass
@@ -70,8 +79,9 @@ class SwitchPlan:
     restores: list[LayerState] = field(default_factory=list)
     branches: list[_BranchBuffer] = field(default_factory=list)
     branch_singles: list[tuple[int, LayerState, list[Slot]]] = field(default_factory=list)
-    # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
-    branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
+    # each branch layer's (stacked factors, scale view, scaled down view, structure), to put back when this plan is
+    # current again
+    branch_state: list[tuple[LayerState, tuple, torch.Tensor, torch.Tensor, tuple]] = field(default_factory=list)
     empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
     fresh: bool = True
     # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (written())
@@ -99,8 +109,8 @@ class SwitchPlan:
         for layer in layers:
             if layer.branch is not None and id(layer) not in mine:
                 layer.set_branch([])
-        for layer, branch, scale, structure in self.branch_state:
-            layer.attach_branch(branch, scale, structure)
+        for layer, branch, scale, down, structure in self.branch_state:
+            layer.attach_branch(branch, scale, down, structure)
 
     @torch.no_grad()
     def run(self, factors: Sequence[float | None], per_path: dict[int, list[float]]) -> None:
@@ -117,6 +127,7 @@ class SwitchPlan:
                 layer.set_branch(_contributions(slots, values, row))
         for buf in self.branches:
             buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
+            buf.rescale()
         self.fresh = False
 
     def invalidate(self, swapped: set[int]) -> None:
@@ -232,28 +243,55 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
 def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[Slot]]],
                      values: list[list[float]]) -> None:
     """Set each branch up (stacking factors where the adapter set changed), then make the per-rank scale vectors
-    views of one buffer per device and dtype, so a multiplier change rewrites them all in one operation."""
+    views of one buffer per device and dtype, and the unscaled and scaled down factors views of one pair of buffers
+    per input width in it, so a multiplier change rewrites them all in a few operations."""
     by_place: dict[tuple, list[tuple[int, LayerState, list[Slot]]]] = defaultdict(list)
     for row, layer, slots in layers:
         layer.set_branch(_contributions(slots, values, row))
-        if layer.branch_scale is None:
+        if layer.branch is None:
             plan.branch_singles.append((row, layer, slots))
             continue
-        by_place[(layer.branch_scale.device, layer.branch_scale.dtype)].append((row, layer, slots))
+        by_place[(layer.branch_down.device, layer.branch_down.dtype)].append((row, layer, slots))
     for (device, dtype), members in by_place.items():
+        members.sort(key=lambda m: _width(m[1]))  # each width's ranks contiguous in the scale buffer
         rows, cols, static = [], [], []
         for row, _, slots in members:
             for s in slots:
                 rows += [row] * s.delta.rank
                 cols += [s.col] * s.delta.rank
                 static += [s.static] * s.delta.rank
-        buffer = torch.empty(len(rows), dtype=dtype, device=device)
+        buf = _BranchBuffer(torch.empty(len(rows), dtype=torch.float32, device=device), torch.tensor(rows),
+                            torch.tensor(cols), torch.tensor(static, dtype=torch.float64))
         offset = 0
-        for _, layer, _ in members:
-            n = layer.branch_scale.numel()
-            buffer[offset:offset + n].copy_(layer.branch_scale)
-            layer.branch_scale = buffer[offset:offset + n]
-            offset += n
-        plan.branches.append(_BranchBuffer(buffer, torch.tensor(rows), torch.tensor(cols),
-                                           torch.tensor(static, dtype=torch.float64)))
-        plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_applied) for _, layer, _ in members]
+        for width, group in itertools.groupby(members, key=lambda m: _width(m[1])):
+            offset = _pool_width(buf, [layer for _, layer, _ in group], width, offset)
+        plan.branches.append(buf)
+        plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_down, layer.branch_applied)
+                              for _, layer, _ in members]
+
+
+def _width(layer: LayerState) -> int:
+    down = layer.branch[0]
+    return down.numel() // down.shape[0]
+
+
+def _pool_width(buf: _BranchBuffer, layers: list[LayerState], width: int, offset: int) -> int:
+    """Move these layers' scales (from ``offset`` in ``buf.buffer``) and down factors (all ``width`` wide) into
+    shared buffers, the layers keeping views; returns the offset after them."""
+    total = sum(layer.branch_scale.numel() for layer in layers)
+    first = layers[0].branch_down
+    down_all = torch.empty(total, width, dtype=first.dtype, device=first.device)
+    scaled_all = torch.empty_like(down_all)
+    start = 0
+    for layer in layers:
+        (a, b), n = layer.branch, layer.branch_scale.numel()
+        scale = buf.buffer[offset + start:offset + start + n]
+        scale.copy_(layer.branch_scale)
+        down = down_all[start:start + n].view(a.shape)
+        down.copy_(a)
+        layer.attach_branch((down, b), scale, scaled_all[start:start + n].view(a.shape), layer.branch_applied)
+        start += n
+    scale = buf.buffer[offset:offset + total, None]
+    buf.widths.append((down_all, scaled_all, scale))
+    torch.mul(down_all, scale, out=scaled_all)
+    return offset + total
