@@ -5,9 +5,10 @@ GPU work in an 86 ms step), so what a branch costs there is mostly the Python an
 layer. This probe reproduces that regime on the CPU: a chain of many tiny ``nn.Linear(64, 64)`` layers (722, as
 many as lorakit targets in an SDXL UNet), batch 1, one thread, where the arithmetic is negligible. It times a forward
 of the chain with branches of ``--adapters`` LoRAs (``lorakit.attach(..., mode="branch")``) against the same chain
-without, interleaved, and prints the medians and the time added per layer. From the repository root:
+without, interleaved, and prints the medians and the time added per layer. ``--tokens N`` feeds [1, N, width]
+inputs (3-D, as diffusers' attention layers get them) instead of [1, width]. From the repository root:
 
-    python benchmarks/branch_host.py [--layers 722] [--adapters 4] [--rounds 200]
+    python benchmarks/branch_host.py [--layers 722] [--adapters 4] [--rounds 200] [--tokens 0]
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=0, help="0: inputs [1, width]; N: [1, N, width]")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -65,7 +67,7 @@ def main() -> None:
         layers = make_lora(model, rank=args.rank, seed=i, targets=("to_q",), std=0.02)
         pipe.load_lora_weights(to_state_dict(layers, "peft", "transformer"), adapter_name=name)
     pipe.set_adapters(names, [0.5 + 0.1 * i for i in range(len(names))])
-    x = torch.randn(1, args.width)
+    x = torch.randn(1, *((args.tokens,) if args.tokens else ()), args.width)
     times: dict[str, list[float]] = {"base": [], "branch": []}
     with torch.no_grad():  # as diffusers pipelines run
         for _ in range(10):
@@ -76,8 +78,8 @@ def main() -> None:
                 m(x)
                 times[tag].append(time.perf_counter() - t0)
     b, r = (statistics.median(times[k]) * 1e3 for k in ("base", "branch"))
-    print(f"{args.layers} x Linear({args.width}, {args.width}), batch 1, 1 thread, {args.adapters} adapters of rank "
-          f"{args.rank}; medians of {args.rounds} interleaved forwards")
+    print(f"{args.layers} x Linear({args.width}, {args.width}), input {list(x.shape)}, 1 thread, {args.adapters} "
+          f"adapters of rank {args.rank}; medians of {args.rounds} interleaved forwards")
     print(f"base {b:.3f} ms   branch {r:.3f} ms   ({r / b:.2f}x)   added per layer {(r - b) / args.layers * 1e3:.2f} us")
 
 

@@ -54,6 +54,16 @@ class LayerState:
     _facts: tuple | None = None
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
 
+    def __getstate__(self) -> dict:
+        # torch.save(model) reaches layers through the component's state-dict hook: a runner (a closure) does not
+        # pickle, and is rebuilt from the tensors it reads
+        return {**self.__dict__, "_branch_run": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.branch is not None:
+            self._branch_run = _runner(self.module, self.branch_down, self.branch[1])
+
     @property
     def weight(self) -> torch.Tensor:
         return self.module._parameters["weight"]  # read on every switch for ~1000 layers: skip Module.__getattr__

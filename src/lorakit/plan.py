@@ -29,7 +29,7 @@ import torch
 
 from . import batched
 from .adapter import WeightDelta
-from .layers import Contribution, LayerState, _signature
+from .layers import Contribution, LayerState, _signature, rescale
 
 PLAN_MARK = "<written by a switch plan>"
 _MARKS = itertools.count()
@@ -61,13 +61,13 @@ class _BranchBuffer:
     rows: torch.Tensor  # [R]
     cols: torch.Tensor  # [R]
     static: torch.Tensor  # [R] float64
-    # per input width: (stacked unscaled down factors [R_w, width], their scaled form, buffer[ranks of width, None])
+    # per input width: (stacked unscaled down factors [R_w, width], their scaled form, buffer[ranks of that width])
     widths: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def rescale(self) -> None:
         """Every layer's scaled down factor from the current scales: one operation per input width."""
         for down, scaled, scale in self.widths:
-            torch.mul(down, scale, out=scaled)
+            rescale(down, scale, scaled)
 
 
 @dataclass
@@ -265,6 +265,7 @@ def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[
         offset = 0
         for width, group in itertools.groupby(members, key=lambda m: _width(m[1])):
             offset = _pool_width(buf, [layer for _, layer, _ in group], width, offset)
+        buf.rescale()
         plan.branches.append(buf)
         plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_down, layer.branch_applied)
                               for _, layer, _ in members]
@@ -291,7 +292,5 @@ def _pool_width(buf: _BranchBuffer, layers: list[LayerState], width: int, offset
         down.copy_(a)
         layer.attach_branch((down, b), scale, scaled_all[start:start + n].view(a.shape), layer.branch_applied)
         start += n
-    scale = buf.buffer[offset:offset + total, None]
-    buf.widths.append((down_all, scaled_all, scale))
-    torch.mul(down_all, scale, out=scaled_all)
+    buf.widths.append((down_all, scaled_all, buf.buffer[offset:offset + total]))
     return offset + total
