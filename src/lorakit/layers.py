@@ -174,26 +174,34 @@ class LayerState:
         scale only rewrites the per-rank scales and the scaled down factor, in place."""
         if not contributions and not self._running:
             return  # the merge path's common case: nothing to run, nothing to remove
-        structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
         if not contributions:
             self.branch = self.branch_scale = self.branch_down = self._branch_run = None
-            self.branch_applied = structure
+            self.branch_applied = ((), self.weight.device, self.weight.dtype)
             self._run(False)  # no branch: the layer runs its own class's forward, at base speed
             return
-        w = self.weight
         values = torch.tensor([m for d, m in contributions for _ in range(d.rank)], dtype=torch.float32)
+        branch, structure = self.stack_branch(contributions)
         if structure == self.branch_applied:
             self.branch_scale.copy_(values)
-            rescale(self.branch[0], self.branch_scale, self.branch_down)
+            rescale(branch[0], self.branch_scale, self.branch_down)
             return
+        scale = values.to(branch[0].device)
+        self.attach_branch(branch, scale, rescale(branch[0], scale, torch.empty_like(branch[0])), structure)
+
+    def stack_branch(self, contributions: list[Contribution]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
+        """The unscaled stacked factors (down, up) of these contributions' deltas and the structure they make: the
+        factors running now when the structure is the same (no work), else new ones."""
+        w = self.weight
+        structure = (tuple(id(d) for d, _ in contributions), w.device, w.dtype)
+        if structure == self.branch_applied and self.branch is not None:
+            return self.branch, structure
         pairs = [d.low_rank() for d, _ in contributions]
         b = torch.cat([up.to(w.device, w.dtype) for up, _ in pairs], 1)
         a = torch.cat([down.to(w.device, w.dtype) for _, down in pairs], 0)
         if isinstance(self.module, nn.Conv2d):
             a = a.reshape(a.shape[0], *w.shape[1:])
             b = b.reshape(*b.shape, 1, 1)
-        scale = values.to(w.device)
-        self.attach_branch((a, b), scale, rescale(a, scale, torch.empty_like(a)), structure)
+        return (a, b), structure
 
     @torch.no_grad()
     def restack_branch(self) -> None:
@@ -222,8 +230,8 @@ class LayerState:
         gets a forward hook instead."""
         module = self.module
         if on and self._running:
-            if self._running is True:
-                module._lorakit_run = self._branch_run  # a new runner (new tensors) for the running subclass
+            if self._running is True:  # a new runner (new tensors) for the running subclass; a plain attribute
+                module.__dict__["_lorakit_run"] = self._branch_run  # (Module.__setattr__ costs ~1 us a layer)
             return
         if not on and not self._running:
             return

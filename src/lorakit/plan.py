@@ -242,55 +242,51 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
 
 def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[Slot]]],
                      values: list[list[float]]) -> None:
-    """Set each branch up (stacking factors where the adapter set changed), then make the per-rank scale vectors
-    views of one buffer per device and dtype, and the unscaled and scaled down factors views of one pair of buffers
-    per input width in it, so a multiplier change rewrites them all in a few operations."""
-    by_place: dict[tuple, list[tuple[int, LayerState, list[Slot]]]] = defaultdict(list)
+    """Stack each layer's factors (where its adapter set changed), then lay the per-rank scales out in one buffer per
+    device and dtype, and the unscaled and scaled down factors in one pair of buffers per input width in it, every
+    layer running views of them: a multiplier change rewrites them all in a few operations."""
+    by_place: dict[tuple, list[tuple[int, LayerState, list[Slot], tuple, tuple]]] = defaultdict(list)
     for row, layer, slots in layers:
-        layer.set_branch(_contributions(slots, values, row))
-        if layer.branch is None:
-            plan.branch_singles.append((row, layer, slots))
-            continue
-        by_place[(layer.branch_down.device, layer.branch_down.dtype)].append((row, layer, slots))
-    for (device, dtype), members in by_place.items():
-        members.sort(key=lambda m: _width(m[1]))  # each width's ranks contiguous in the scale buffer
+        branch, structure = layer.stack_branch(_contributions(slots, values, row))
+        by_place[(branch[0].device, branch[0].dtype)].append((row, layer, slots, branch, structure))
+    table = torch.tensor(values, dtype=torch.float64)
+    for device, members in ((place[0], m) for place, m in by_place.items()):
+        members.sort(key=lambda m: _width(m[3][0]))  # each width's ranks contiguous in the scale buffer
         rows, cols, static = [], [], []
-        for row, _, slots in members:
+        for row, _, slots, _, _ in members:
             for s in slots:
                 rows += [row] * s.delta.rank
                 cols += [s.col] * s.delta.rank
                 static += [s.static] * s.delta.rank
         buf = _BranchBuffer(torch.empty(len(rows), dtype=torch.float32, device=device), torch.tensor(rows),
                             torch.tensor(cols), torch.tensor(static, dtype=torch.float64))
+        buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
         offset = 0
-        for width, group in itertools.groupby(members, key=lambda m: _width(m[1])):
-            offset = _pool_width(buf, [layer for _, layer, _ in group], width, offset)
+        for width, group in itertools.groupby(members, key=lambda m: _width(m[3][0])):
+            offset = _pool_width(buf, list(group), width, offset)
         buf.rescale()
         plan.branches.append(buf)
         plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_down, layer.branch_applied)
-                              for _, layer, _ in members]
+                              for _, layer, *_ in members]
 
 
-def _width(layer: LayerState) -> int:
-    down = layer.branch[0]
+def _width(down: torch.Tensor) -> int:
     return down.numel() // down.shape[0]
 
 
-def _pool_width(buf: _BranchBuffer, layers: list[LayerState], width: int, offset: int) -> int:
-    """Move these layers' scales (from ``offset`` in ``buf.buffer``) and down factors (all ``width`` wide) into
-    shared buffers, the layers keeping views; returns the offset after them."""
-    total = sum(layer.branch_scale.numel() for layer in layers)
-    first = layers[0].branch_down
-    down_all = torch.empty(total, width, dtype=first.dtype, device=first.device)
+def _pool_width(buf: _BranchBuffer, members: list[tuple[int, LayerState, list[Slot], tuple, tuple]], width: int,
+                offset: int) -> int:
+    """Stack these layers' down factors (all ``width`` wide) into one buffer, with a buffer for their scaled form,
+    and attach each layer's branch as views of them and of its scales in ``buf.buffer`` (from ``offset``); returns
+    the offset after them. The scaled buffer is filled by the caller's ``buf.rescale()``."""
+    ranks = [branch[0].shape[0] for _, _, _, branch, _ in members]
+    total = sum(ranks)
+    down_all = torch.cat([branch[0].reshape(-1, width) for _, _, _, branch, _ in members])
     scaled_all = torch.empty_like(down_all)
-    start = 0
-    for layer in layers:
-        (a, b), n = layer.branch, layer.branch_scale.numel()
-        scale = buf.buffer[offset + start:offset + start + n]
-        scale.copy_(layer.branch_scale)
-        down = down_all[start:start + n].view(a.shape)
-        down.copy_(a)
-        layer.attach_branch((down, b), scale, scaled_all[start:start + n].view(a.shape), layer.branch_applied)
-        start += n
+    parts = zip(members, buf.buffer[offset:offset + total].split(ranks), down_all.split(ranks), scaled_all.split(ranks))
+    for (_, layer, _, (a, b), structure), scale, down, scaled in parts:
+        if a.dim() > 2:  # conv: [R, in, kh, kw]
+            down, scaled = down.view(a.shape), scaled.view(a.shape)
+        layer.attach_branch((down, b), scale, scaled, structure)
     buf.widths.append((down_all, scaled_all, buf.buffer[offset:offset + total]))
     return offset + total
