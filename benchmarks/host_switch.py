@@ -98,7 +98,7 @@ def hotswap_rows(pipe, manager, unet, dtype: torch.dtype, repeats: int) -> None:
     pipe.load_lora_weights(str(files[2]), adapter_name="hs")
     pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     turn = iter(range(10**6))
-    swap = lambda: pipe.load_lora_weights(str(files[next(turn) % 2]), adapter_name="hs", hotswap=True)  # noqa: E731
+    swap = lambda: pipe.load_lora_weights(str(files[next(turn) % 2]), adapter_name="hs", hotswap=True)
     swap()
     adapter = manager.adapters["hs"]
     assert adapter.buffer is not None, "the probe means the buffer-copy path"
