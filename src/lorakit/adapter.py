@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -219,6 +219,8 @@ class Adapter:
     #: (tensor, file key) for every tensor of the deltas when each is a file tensor used as it is: a hotswap from a
     #: state dict of the same layout copies straight into them
     origins: list[tuple[torch.Tensor, str]] = field(default_factory=list, repr=False)
+    #: what an in-place hotswap brings up to date, worked out at the first one (hotswap.SwapIndex)
+    swap_index: Any = field(default=None, repr=False, compare=False)
 
     @property
     def components(self) -> list[str]:

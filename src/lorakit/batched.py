@@ -72,13 +72,18 @@ def forget(deltas: Iterable[WeightDelta]) -> None:
 
 
 @torch.no_grad()
-def refresh(swapped: set[int]) -> None:
-    """Recompute, in place, the cached stacks that hold any of these deltas (their values changed: a hotswap)."""
+def refresh(swapped: frozenset[int]) -> None:
+    """Recompute, in place, the cached stacks that hold any of these deltas (their values changed: a hotswap): one
+    multi-tensor copy from every delta's factors into the stacks' rows."""
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
     for key, (deltas, up, down) in _STACKS.items():
         if not swapped.isdisjoint(key[:-1]):
             pairs = [d.low_rank() for d in deltas]
-            torch.stack([p[0] for p in pairs], out=up)
-            down.copy_(torch.stack([p[1] for p in pairs]))
+            dst += (*up.unbind(0), *down.unbind(0))
+            src += [p[0] for p in pairs] + [p[1] for p in pairs]  # (down's stack may be in another dtype)
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | None:

@@ -190,8 +190,9 @@ class LoraManager:
             raise AdapterError(f"{source.name}: a FLUX Control LoRA (norm overwrites, a widened input layer) cannot be "
                                f"hotswapped; load it with hotswap=False. Adapter {adapter_name!r} is unchanged.")
         if self.hotswap_rank is not None:
-            too_big = [f"{m.component}.{m.path}" for m in plan.modules if m.keys.algorithm == "lora"
-                       and source.infos[m.keys.fields["down"]].shape[0] > self.hotswap_rank]
+            too_big = [f"{m.component}.{m.path}" for m in plan.modules if "down" in m.keys.fields  # ranks first:
+                       and source.infos[m.keys.fields["down"]].shape[:1] > (self.hotswap_rank,)  # cheaper than
+                       and m.keys.algorithm == "lora"]  # detecting ~1000 modules' algorithms
             if too_big:
                 raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
                                    f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
@@ -210,7 +211,7 @@ class LoraManager:
         new = build_adapter(plan, adapter_name, self.states, tensors)
         pairs = swapping.matching_pairs(old, new)
         if pairs is not None:  # same layout (a new checkpoint of the same run): copy the values in place
-            swapping.swap_values(pairs, list(self.states.values()))
+            swapping.swap_values(old, pairs, list(self.states.values()))
             old.format, old.layout, old.alphas = new.format, new.layout, new.alphas  # (its buffer, if any, stays)
             return self._swapped(old, new.source, new.metadata)
         batched.forget(d for modules in old.layers.values() for d in modules.values())

@@ -51,6 +51,7 @@ class _MergeChunk:
     static: torch.Tensor  # [n, K] float64
     clean: bool  # every member already held these contributions when the plan was built
     last: torch.Tensor | None = None
+    ids: frozenset[int] | None = None  # its deltas' ids, once a hotswap asked (invalidate)
 
 
 @dataclass
@@ -119,10 +120,12 @@ class SwitchPlan:
             buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
         self.fresh = False
 
-    def invalidate(self, swapped: set[int]) -> None:
+    def invalidate(self, swapped: frozenset[int]) -> None:
         """Chunks merging any of these deltas are rewritten at the next run (their values changed: a hotswap)."""
         for mc in self.chunks:
-            if any(id(d) in swapped for _, contributions, _ in mc.chunk.members for d, _ in contributions):
+            if mc.ids is None:
+                mc.ids = frozenset(id(d) for _, contributions, _ in mc.chunk.members for d, _ in contributions)
+            if not swapped.isdisjoint(mc.ids):
                 mc.last, mc.clean = None, False
 
     def written(self) -> dict[int, tuple]:
