@@ -194,3 +194,58 @@ def test_same_layout_hotswap_after_a_partial_delete_restores_every_component(tmp
     lorakit.attach(fresh)
     fresh.load_lora_weights(second, adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def _with_tucker(pipe, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """``sd`` (kohya) plus a Tucker LoCon on a 3x3 conv: its cached low-rank form is computed, not a view."""
+    module = pipe.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    return {**sd, f"{key}.lora_down.weight": torch.randn(3, module.in_channels, 1, 1, generator=g) * 0.1,
+            f"{key}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g) * 0.1,
+            f"{key}.lora_up.weight": torch.randn(module.out_channels, 3, 1, 1, generator=g) * 0.1,
+            f"{key}.alpha": torch.tensor(1.5)}
+
+
+@pytest.mark.parametrize("setup", ["chunks", "branch"])
+def test_repeated_buffer_hotswaps_recompute_derived_factors(setup, tmp_path, monkeypatch):
+    """What a swap refreshes is worked out at the first one and reused: a Tucker layer's folded factors are
+    recomputed at every swap (they are not views of the file), and outputs equal a fresh load after each."""
+    from lorakit import batched
+
+    mode, devices = SETUPS[setup]
+    monkeypatch.setattr(batched, "DEVICES", devices)
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe, mode=mode)
+    files = [write(_with_tucker(pipe, lora_state_dict(pipe, fam, seed, fmt="kohya", alpha=2.0), seed),
+                   tmp_path / f"{seed}.safetensors") for seed in (1, 2, 3)]
+    pipe.load_lora_weights(files[0], adapter_name="a")
+    outputs(pipe, fam)
+    buffer = manager.adapters["a"].buffer
+    for path in files[1:]:
+        pipe.load_lora_weights(path, adapter_name="a", hotswap=True)
+        assert manager.adapters["a"].buffer is buffer, "the buffer-copy path"
+        fresh = fam.build()
+        lorakit.attach(fresh, mode=mode)
+        fresh.load_lora_weights(path, adapter_name="a")
+        assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-5, what=path)
+
+
+def test_swap_index_follows_a_delete_from_a_component(tmp_path):
+    """After the adapter leaves a component, a same-layout swap of what remains refreshes only what it holds now."""
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 2), adapter_name="a", hotswap=True)
+    assert manager.adapters["a"].swap_index is not None
+    pipe.delete_adapters("a", components=["text_encoder"])
+    unet_only = lora_state_dict(pipe, fam, 3, text_encoders=False)
+    before = manager.adapters["a"].layers["unet"]
+    pipe.load_lora_weights(unet_only, adapter_name="a", hotswap=True)
+    assert manager.adapters["a"].layers["unet"] is before, "values copied in place"
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(dict(unet_only), adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
