@@ -249,3 +249,43 @@ def test_swap_index_follows_a_delete_from_a_component(tmp_path):
     lorakit.attach(fresh)
     fresh.load_lora_weights(dict(unet_only), adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def _reordered(path: str, out) -> str:
+    """The file at ``path`` with its tensors stored in reverse order: same keys, dtypes and shapes, other offsets."""
+    import json
+    import struct
+
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    meta = header.pop("__metadata__", None)
+    chunks, offset = [], 0
+    for key in reversed(list(header)):
+        start, end = header[key]["data_offsets"]
+        chunks.append(body[start:end])
+        header[key]["data_offsets"] = [offset, offset + end - start]
+        offset += end - start
+    raw = json.dumps({**({"__metadata__": meta} if meta else {}), **header}).encode()
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(chunks))
+    return str(out)
+
+
+def test_same_keys_at_other_offsets_do_not_take_the_buffer_copy(tmp_path, monkeypatch):
+    """The buffer copy needs the whole header laid out alike: a file with the same keys, dtypes and shapes stored in
+    another order is copied some other way, and gives the same outputs as a fresh load of it."""
+    from lorakit import hotswap
+
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 1), tmp_path / "1.safetensors"), adapter_name="a")
+    other = _reordered(write(lora_state_dict(pipe, fam, 2), tmp_path / "2.safetensors"), tmp_path / "2r.safetensors")
+    copied = []
+    monkeypatch.setattr(hotswap, "copy_buffer", lambda *args: copied.append(args))
+    pipe.load_lora_weights(other, adapter_name="a", hotswap=True)
+    assert not copied and manager.adapters["a"].source == other
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(other, adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

@@ -78,7 +78,7 @@ def keep_buffer(adapter: Adapter, source: LoraSource) -> None:
     if all(t.untyped_storage().data_ptr() == ptr for m in adapter.layers.values() for d in m.values()
            for t in d.leaves()):
         adapter.buffer = buffer
-        adapter.offsets = {k: i.offsets for k, i in source.infos.items()}
+        adapter.table = tuple(source.infos.items())
 
 
 def can_copy_buffer(old: Adapter, layout: tuple | None, source: LoraSource, alphas: tuple[float, ...]) -> bool:
@@ -87,7 +87,7 @@ def can_copy_buffer(old: Adapter, layout: tuple | None, source: LoraSource, alph
     new = source.buffer
     return (old.buffer is not None and new is not None and old.layout is not None and old.layout == layout
             and new.shape == old.buffer.shape and new.device == old.buffer.device and old.alphas == alphas
-            and old.offsets == {k: i.offsets for k, i in source.infos.items()})
+            and old.table == tuple(source.infos.items()))  # (one C-level comparison of ~2,000 entries)
 
 
 @torch.no_grad()
