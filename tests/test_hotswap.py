@@ -1,5 +1,7 @@
 """Hotswap: in place, text encoders included, different layers and ranks; a failed hotswap changes nothing."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -256,7 +258,7 @@ def _reordered(path: str, out) -> str:
     import json
     import struct
 
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     header, body = json.loads(data[8:8 + n]), data[8 + n:]
     meta = header.pop("__metadata__", None)
