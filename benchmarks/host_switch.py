@@ -6,7 +6,9 @@ arithmetic. This probe keeps the first and drops the second: `batched.merge_chun
 is laying out and running switch plans, `fuse_lora` and `unfuse_lora`, as they run in merge mode on the GPU; and
 a hotswap of a same-layout file (`load_lora_weights(path, adapter_name=existing, hotswap=True)`, the file in a temp
 dir, the OS page cache warm): header parse, load plan, the one read of the data section, the copy into the loaded
-adapter's buffer and the refresh of what is derived from it (the re-merge stubbed). Medians of --repeats, one thread:
+adapter's buffer and the refresh of what is derived from it (the re-merge stubbed). Its files are rank 4 by default,
+so that reading and copying them (memory-bound on a CPU) stays small next to the host work, which does not depend
+on the rank; `--hotswap-rank 32` is the GPU benchmark's file. Medians of --repeats, one thread:
 
     python benchmarks/host_switch.py                   # SDXL UNet in fp32 (~10 GB of memory)
     python benchmarks/host_switch.py --dtype float16   # half the memory; the host work is the same
@@ -30,7 +32,7 @@ from lorakit import batched  # noqa: E402
 from lorakit.testing import models as tm  # noqa: E402
 from lorakit.testing.loras import TRANSFORMER_TARGETS, make_lora, to_state_dict  # noqa: E402
 
-UNET_TARGETS = TRANSFORMER_TARGETS + ("proj_in", "proj_out")  # as profile_switch.py's files (rank 32)
+UNET_TARGETS = TRANSFORMER_TARGETS + ("proj_in", "proj_out")  # as profile_switch.py's files
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--hotswap-rank", type=int, default=4)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
@@ -82,19 +85,19 @@ def main() -> None:
         unfuse.append(median_ms(pipe.unfuse_lora, 1))
     print(f"  {'fuse_lora of the live mix':48s} {statistics.median(fuse):7.2f} ms")
     print(f"  {'unfuse_lora':48s} {statistics.median(unfuse):7.2f} ms")
-    hotswap_rows(pipe, manager, unet, dtype, args.repeats)
+    hotswap_rows(pipe, manager, unet, dtype, args.repeats, args.hotswap_rank)
 
 
-def hotswap_rows(pipe, manager, unet, dtype: torch.dtype, repeats: int) -> None:
+def hotswap_rows(pipe, manager, unet, dtype: torch.dtype, repeats: int, rank: int) -> None:
     """A same-layout file swapped into a live adapter, alternating between two checkpoints (the buffer-copy path)."""
     folder = Path(tempfile.mkdtemp())
     files = []
     for seed in (10, 11, 12):
-        layers = make_lora(unet, rank=32, seed=seed, targets=UNET_TARGETS, dtype=dtype)
+        layers = make_lora(unet, rank=rank, seed=seed, targets=UNET_TARGETS, dtype=dtype)
         tensors = to_state_dict(layers, "peft", "unet")
         files.append(folder / f"swap{seed}.safetensors")
         save_file(tensors, str(files[-1]))
-    pipe.enable_lora_hotswap(target_rank=32)
+    pipe.enable_lora_hotswap(target_rank=rank)
     pipe.load_lora_weights(str(files[2]), adapter_name="hs")
     pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     turn = iter(range(10**6))
@@ -105,7 +108,8 @@ def hotswap_rows(pipe, manager, unet, dtype: torch.dtype, repeats: int) -> None:
     buffer = adapter.buffer
     took = median_ms(swap, repeats)
     assert manager.adapters["hs"].buffer is buffer, "a hotswap left the buffer-copy path"
-    print(f"  {f'hotswap, same-layout file ({len(tensors)} tensors)':48s} {took:7.2f} ms")
+    label = f"hotswap, same-layout file ({len(tensors)} tensors, r{rank})"
+    print(f"  {label:48s} {took:7.2f} ms")
     for f in files:
         f.unlink()
 
