@@ -151,11 +151,16 @@ class LoraManager:
             self.states[comp].control.overwrite_norms(self.states[comp].model,
                                                       {param: tensors[key] for param, key in norms.items()})
 
-    def _load_device(self, plan) -> torch.device:
-        """Read tensors straight onto the targets' device when they all share one (no host round trip)."""
-        devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
-        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    def _load_device(self, plan: LoadPlan) -> torch.device:
+        """Read tensors straight onto the targets' device when they all share one (no host round trip). Worked out
+        once per plan (a plan is kept for the components' placement); were some modules moved since, the deltas
+        are still built where their weights are, at the cost of a conversion."""
+        device = plan.memo.get("device")
+        if device is None:
+            devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
+            device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+            device = plan.memo["device"] = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+        return device
 
     def _register(self, adapter: Adapter, activate: bool = True) -> None:
         adapter.family = model_family({n: s.model for n, s in self.states.items()})
