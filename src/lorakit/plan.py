@@ -199,7 +199,6 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
     groups: dict[tuple, list[tuple[int, LayerState, list[Slot], list[Contribution], bool]]] = defaultdict(list)
     branch_layers: list[tuple[int, LayerState, list[Slot]]] = []
     for row, (_, layer, merged, branch) in enumerate(items):
-        contributions = _contributions(merged, values, row)
         if branch:
             branch_layers.append((row, layer, branch))
         elif layer.branch is not None:
@@ -211,13 +210,16 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
             elif layer.applied != ():
                 plan.singles.append((row, layer, merged))
             continue
+        mults = values[row]
+        contributions = [(s.delta, s.static * mults[s.col]) for s in merged]
         group = batched.batch_key(layer, contributions)
         if group is None:
             plan.singles.append((row, layer, merged))
             continue
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
-        clean = resolve(layer) == _signature(contributions)
+        held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
+        clean = held is not None and len(held) == len(contributions) and held == _signature(contributions)
         groups[group].append((row, layer, merged, contributions, clean))
     for group, members in groups.items():
         for part in batched.split(group, members):
