@@ -78,6 +78,13 @@ def main() -> None:
     }
     for label, fn in rows.items():
         print(f"  {label:48s} {median_ms(fn, args.repeats):7.2f} ms")
+    fresh = to_state_dict(make_lora(unet, rank=4, seed=9, targets=TRANSFORMER_TARGETS, dtype=dtype), "peft", "unet")
+    after_load = []
+    for i in range(args.repeats):  # the load's own plan is current and kept: what layers hold is resolved from it
+        pipe.load_lora_weights(fresh, adapter_name=f"x{i}")
+        after_load.append(median_ms(lambda: pipe.set_adapters(["a", "b", f"x{i}"]), 1))  # noqa: B023
+        pipe.delete_adapters(f"x{i}")
+    print(f"  {'set_adapters 3 right after a load (laid out)':48s} {statistics.median(after_load):7.2f} ms")
     fuse, unfuse = [], []
     for i in range(args.repeats):
         pipe.set_adapters(["a", "b"], [0.7, 0.8 + 0.01 * i])
