@@ -52,6 +52,13 @@ class _MergeChunk:
     clean: bool  # every member already held these contributions when the plan was built
     last: torch.Tensor | None = None
     ids: frozenset[int] | None = None  # its deltas' ids, once a hotswap asked (invalidate)
+    members: list[tuple[int, tuple[int, ...]]] | None = None  # (layer id, its deltas' ids), once written() asked
+
+    def member_ids(self) -> list[tuple[int, tuple[int, ...]]]:
+        if self.members is None:
+            self.members = [(id(layer), tuple(id(d) for d, _ in contributions))
+                            for layer, contributions, _ in self.chunk.members]
+        return self.members
 
 
 @dataclass
@@ -134,8 +141,8 @@ class SwitchPlan:
         for mc in self.chunks:
             if mc.last is None:
                 continue
-            for (layer, contributions, _), row in zip(mc.chunk.members, mc.last.tolist()):
-                out[id(layer)] = tuple((id(d), m) for (d, _), m in zip(contributions, row))
+            for (layer, ids), row in zip(mc.member_ids(), mc.last.tolist()):
+                out[layer] = tuple(zip(ids, row))  # as _signature: (delta id, multiplier) pairs
         return out
 
     def _run_chunks(self, table: torch.Tensor) -> None:
