@@ -179,7 +179,9 @@ def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[
     state._plans = {k: p for k, p in state._plans.items() if p is current}
     layers = state.layers
     for path in paths:
-        layer = layers[path]
+        layer = layers.get(path)
+        if layer is None:  # (every module of an adapter has its layer: never expected)
+            continue
         if layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
             layer.restack_branch()
         if layer.applied != ():
