@@ -195,9 +195,10 @@ class LoraManager:
             raise AdapterError(f"{source.name}: a FLUX Control LoRA (norm overwrites, a widened input layer) cannot be "
                                f"hotswapped; load it with hotswap=False. Adapter {adapter_name!r} is unchanged.")
         if self.hotswap_rank is not None:
-            too_big = [f"{m.component}.{m.path}" for m in plan.modules if "down" in m.keys.fields  # ranks first:
-                       and source.infos[m.keys.fields["down"]].shape[:1] > (self.hotswap_rank,)  # cheaper than
-                       and m.keys.algorithm == "lora"]  # detecting ~1000 modules' algorithms
+            # (ranks first: reading a shape is cheaper than detecting the algorithm of ~1000 modules)
+            too_big = [f"{m.component}.{m.path}" for m in plan.modules if "down" in m.keys.fields
+                       and source.infos[m.keys.fields["down"]].shape[:1] > (self.hotswap_rank,)
+                       and m.keys.algorithm == "lora"]
             if too_big:
                 raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
                                    f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
