@@ -38,3 +38,60 @@ def test_batched_merge_matches_per_layer(batched_on_cpu, dtype):
         pipe.unload_lora_weights()
         for name, p in pipe.unet.named_parameters():
             assert torch.equal(p, base.get_parameter(name)), name
+
+
+def _reference_key(layer, contributions):
+    """batch_key's definition, worked out from scratch (no cache): what every plan build must group by."""
+    w = layer.weight
+    if (not contributions or layer.base_bias is not None or w.device.type not in batched.DEVICES
+            or not w.is_contiguous() or (layer.base is not None and layer.base.device != w.device)):
+        return None
+    if any(not d.additive or d.low_rank() is None for d, _ in contributions):
+        return None
+    compute = w.dtype if w.device.type == "cuda" else torch.float32
+    large = w.numel() >= batched.LARGE_ELEMENTS and w.dtype == compute
+    return (w.shape, w.dtype, w.device, tuple(d.rank for d, _ in contributions), large)
+
+
+def test_batch_keys_follow_the_layers(batched_on_cpu, monkeypatch):
+    """The layer part of a batch key is kept on the layer: it follows backups taken and dropped and the module's
+    settings; the ranks (LoCon, Tucker, LoKr, DoRA among them) are those of the deltas."""
+    from lorakit.testing.lycoris import make_lycoris
+
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe, mode="merge")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, rank=3, convs=True, fmt="kohya"), adapter_name="a")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 2, rank=5), adapter_name="b")
+    for algo in ("lokr", "dora"):
+        pipe.load_lora_weights(make_lycoris(pipe.unet, algo, seed=3), adapter_name=algo)
+    conv = "down_blocks.0.resnets.0.conv1"
+    module = pipe.unet.get_submodule(conv)
+    key = "lora_unet_" + conv.replace(".", "_")
+    pipe.load_lora_weights({f"{key}.lora_down.weight": torch.randn(3, module.in_channels, 1, 1),
+                            f"{key}.lora_mid.weight": torch.randn(3, 3, 3, 3),
+                            f"{key}.lora_up.weight": torch.randn(module.out_channels, 3, 1, 1)}, adapter_name="tucker")
+
+    def check(what):
+        layers = [layer for state in manager.states.values() for layer in state.layers.values()]
+        for layer in layers:
+            for names in (["a"], ["a", "b"], list(layer.deltas)):
+                contributions = [(layer.deltas[n], 0.5) for n in names if n in layer.deltas]
+                assert batched.batch_key(layer, contributions) == _reference_key(layer, contributions), what
+        return layers
+
+    layers = check("loaded")
+    assert any(_reference_key(layer, [(d, 1.0)]) for layer in layers for d in layer.deltas.values()), "some batch"
+    pipe.set_adapters(["a", "b", "tucker"], [0.3, 0.7, 0.2])
+    check("backups taken")
+    monkeypatch.setattr(batched, "LARGE_ELEMENTS", 10**9)
+    check("another size class")
+    monkeypatch.setattr(batched, "DEVICES", ())
+    check("batching off")
+    monkeypatch.setattr(batched, "DEVICES", ("cpu",))
+    for layer in layers[::2]:
+        layer.base = None  # as a drop does
+    check("backups dropped")
+    for layer in layers[::2]:
+        layer.base = layer.weight.detach().to("meta")  # a backup elsewhere (backup_device=): per-layer writes
+    check("backups on another device")

@@ -1,5 +1,7 @@
 """Hotswap: in place, text encoders included, different layers and ranks; a failed hotswap changes nothing."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -193,4 +195,100 @@ def test_same_layout_hotswap_after_a_partial_delete_restores_every_component(tmp
     fresh = fam.build()
     lorakit.attach(fresh)
     fresh.load_lora_weights(second, adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def _with_tucker(pipe, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """``sd`` (kohya) plus a Tucker LoCon on a 3x3 conv: its cached low-rank form is computed, not a view."""
+    module = pipe.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    return {**sd, f"{key}.lora_down.weight": torch.randn(3, module.in_channels, 1, 1, generator=g) * 0.1,
+            f"{key}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g) * 0.1,
+            f"{key}.lora_up.weight": torch.randn(module.out_channels, 3, 1, 1, generator=g) * 0.1,
+            f"{key}.alpha": torch.tensor(1.5)}
+
+
+@pytest.mark.parametrize("setup", ["chunks", "branch"])
+def test_repeated_buffer_hotswaps_recompute_derived_factors(setup, tmp_path, monkeypatch):
+    """What a swap refreshes is worked out at the first one and reused: a Tucker layer's folded factors are
+    recomputed at every swap (they are not views of the file), and outputs after the second equal a fresh load."""
+    from lorakit import batched
+
+    mode, devices = SETUPS[setup]
+    monkeypatch.setattr(batched, "DEVICES", devices)
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe, mode=mode)
+    files = [write(_with_tucker(pipe, lora_state_dict(pipe, fam, seed, fmt="kohya", alpha=2.0), seed),
+                   tmp_path / f"{seed}.safetensors") for seed in (1, 2, 3)]
+    pipe.load_lora_weights(files[0], adapter_name="a")
+    outputs(pipe, fam)
+    buffer = manager.adapters["a"].buffer
+    for path in files[1:]:
+        pipe.load_lora_weights(path, adapter_name="a", hotswap=True)
+        assert manager.adapters["a"].buffer is buffer, "the buffer-copy path"
+        outputs(pipe, fam)  # merged (or run as branches) with these values before the next swap
+    fresh = fam.build()
+    lorakit.attach(fresh, mode=mode)
+    fresh.load_lora_weights(files[-1], adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-5)
+
+
+def test_swap_index_follows_a_delete_from_a_component(tmp_path):
+    """After the adapter leaves a component, a same-layout swap of what remains refreshes only what it holds now."""
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1), adapter_name="a")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 2), adapter_name="a", hotswap=True)
+    assert manager.adapters["a"].swap_index is not None
+    pipe.delete_adapters("a", components=["text_encoder"])
+    unet_only = lora_state_dict(pipe, fam, 3, text_encoders=False)
+    before = manager.adapters["a"].layers["unet"]
+    pipe.load_lora_weights(unet_only, adapter_name="a", hotswap=True)
+    assert manager.adapters["a"].layers["unet"] is before, "values copied in place"
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(dict(unet_only), adapter_name="a")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def _reordered(path: str, out) -> str:
+    """The file at ``path`` with its tensors stored in reverse order: same keys, dtypes and shapes, other offsets."""
+    import json
+    import struct
+
+    data = Path(path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    meta = header.pop("__metadata__", None)
+    chunks, offset = [], 0
+    for key in reversed(list(header)):
+        start, end = header[key]["data_offsets"]
+        chunks.append(body[start:end])
+        header[key]["data_offsets"] = [offset, offset + end - start]
+        offset += end - start
+    raw = json.dumps({**({"__metadata__": meta} if meta else {}), **header}).encode()
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(chunks))
+    return str(out)
+
+
+def test_same_keys_at_other_offsets_do_not_take_the_buffer_copy(tmp_path, monkeypatch):
+    """The buffer copy needs the whole header laid out alike: a file with the same keys, dtypes and shapes stored in
+    another order is copied some other way, and gives the same outputs as a fresh load of it."""
+    from lorakit import hotswap
+
+    fam = family("sd15")
+    pipe = fam.build()
+    manager = lorakit.attach(pipe)
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 1), tmp_path / "1.safetensors"), adapter_name="a")
+    other = _reordered(write(lora_state_dict(pipe, fam, 2), tmp_path / "2.safetensors"), tmp_path / "2r.safetensors")
+    copied = []
+    monkeypatch.setattr(hotswap, "copy_buffer", lambda *args: copied.append(args))
+    pipe.load_lora_weights(other, adapter_name="a", hotswap=True)
+    assert not copied and manager.adapters["a"].source == other
+    fresh = fam.build()
+    lorakit.attach(fresh)
+    fresh.load_lora_weights(other, adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

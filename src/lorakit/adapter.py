@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -211,14 +211,17 @@ class Adapter:
     #: their values (see hotswap.py); None when unknown
     layout: tuple | None = None
     #: the file's data section when every tensor of every delta is a view into it (a CUDA load without conversion),
-    #: with each key's byte range and the alphas read from it: a hotswap of a file laid out identically is then
-    #: one device copy into this buffer (see hotswap.py)
+    #: with its header's ``(key, TensorInfo)`` entries in file order (keys, dtypes, shapes, byte ranges) and the
+    #: alphas read from it: a hotswap of a file laid out identically is then one device copy into this buffer
+    #: (see hotswap.py)
     buffer: torch.Tensor | None = field(default=None, repr=False)
-    offsets: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
+    table: tuple = field(default=(), repr=False)
     alphas: tuple[float, ...] = ()
     #: (tensor, file key) for every tensor of the deltas when each is a file tensor used as it is: a hotswap from a
     #: state dict of the same layout copies straight into them
     origins: list[tuple[torch.Tensor, str]] = field(default_factory=list, repr=False)
+    #: what an in-place hotswap brings up to date, worked out at the first one (hotswap.SwapIndex)
+    swap_index: Any = field(default=None, repr=False, compare=False)
 
     @property
     def components(self) -> list[str]:

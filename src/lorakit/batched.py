@@ -75,31 +75,55 @@ def forget(deltas: Iterable[WeightDelta]) -> None:
 
 
 @torch.no_grad()
-def refresh(swapped: set[int]) -> None:
-    """Recompute, in place, the cached stacks that hold any of these deltas (their values changed: a hotswap)."""
+def refresh(swapped: frozenset[int]) -> None:
+    """Recompute, in place, the cached stacks that hold any of these deltas (their values changed: a hotswap): one
+    multi-tensor copy from every delta's factors into the stacks' rows."""
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
     for key, (deltas, up, down) in _STACKS.items():
         if not swapped.isdisjoint(key[:-1]):
             pairs = [d.low_rank() for d in deltas]
-            torch.stack([p[0] for p in pairs], out=up)
-            down.copy_(torch.stack([p[1] for p in pairs]))
+            dst += (*up.unbind(0), *down.unbind(0))
+            src += [p[0] for p in pairs] + [p[1] for p in pairs]  # (down's stack may be in another dtype)
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | None:
     """The group a layer merges with (same shape, dtype, device, adapter ranks and size class), or None where
     batched merging does not apply: it covers the common case, a weight on a batching device with its backup beside
-    it and low-rank adapters only. One pass over the layer: plans call this for ~1000 layers per build."""
-    if not contributions or layer.base_bias is not None:
+    it and low-rank adapters only. Plans call this for ~1000 layers per build: what depends on the layer alone is
+    cached on it (:func:`_placement`), and the ranks are read off the cached factors."""
+    if not contributions:
         return None
-    shape, dtype, device, compute, contiguous = layer.facts()
-    if (device.type not in DEVICES or not contiguous
-            or (layer.base is not None and layer.base.device != device)):
+    place = _placement(layer)
+    if place is None:
         return None
     ranks = []
     for d, _ in contributions:
-        if not d.additive or d.low_rank() is None:
+        factors = d.low_rank() if d.additive else None
+        if factors is None:
             return None
-        ranks.append(d.rank)
-    return (shape, dtype, device, tuple(ranks), shape.numel() >= LARGE_ELEMENTS and dtype == compute)
+        ranks.append(factors[1].shape[0])  # the rank of the stacked factors (that of d.rank, without its Python)
+    shape, dtype, device, large = place
+    return (shape, dtype, device, tuple(ranks), large)
+
+
+def _placement(layer: LayerState) -> tuple | None:
+    """``(shape, dtype, device, large)`` of a layer batched merging can write (a contiguous weight on a batching
+    device, its backup on the same device, no bias backup), else None; kept on the layer until its weight's storage
+    or the module's settings change or a backup is taken or dropped (a backup, once taken, stays where it is)."""
+    token = (layer.weight.data_ptr(), layer.base is None, layer.base_bias is None, DEVICES, LARGE_ELEMENTS)
+    cached = layer._placement
+    if cached is not None and cached[0] == token:
+        return cached[1]
+    shape, dtype, device, compute, contiguous = layer.facts()
+    place = None
+    if (layer.base_bias is None and device.type in DEVICES and contiguous
+            and (layer.base is None or layer.base.device == device)):
+        place = (shape, dtype, device, shape.numel() >= LARGE_ELEMENTS and dtype == compute)
+    layer._placement = (token, place)
+    return place
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ go through the general path in the manager, which replaces the deltas.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -59,14 +59,14 @@ def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, Weight
 
 
 @torch.no_grad()
-def swap_values(pairs: list[tuple[WeightDelta, WeightDelta]], states: list[ComponentState]) -> None:
-    """Copy each new delta's tensors into the old one, then :func:`refresh` what is derived from them."""
+def swap_values(adapter: Adapter, pairs: list[tuple[WeightDelta, WeightDelta]], states: list[ComponentState]) -> None:
+    """Copy each new delta's tensors into the old one (``adapter``'s, every module of it), then :func:`refresh`."""
     olds, news = [], []
     for old, new in pairs:
         olds += old.leaves()
         news += new.leaves()  # same layout: the same fields in the same order
     torch._foreach_copy_(olds, news)
-    refresh([old for old, _ in pairs], states)
+    refresh(adapter, states)
 
 
 def keep_buffer(adapter: Adapter, source: LoraSource) -> None:
@@ -78,7 +78,7 @@ def keep_buffer(adapter: Adapter, source: LoraSource) -> None:
     if all(t.untyped_storage().data_ptr() == ptr for m in adapter.layers.values() for d in m.values()
            for t in d.leaves()):
         adapter.buffer = buffer
-        adapter.offsets = {k: i.offsets for k, i in source.infos.items()}
+        adapter.table = tuple(source.infos.items())
 
 
 def can_copy_buffer(old: Adapter, layout: tuple | None, source: LoraSource, alphas: tuple[float, ...]) -> bool:
@@ -87,7 +87,7 @@ def can_copy_buffer(old: Adapter, layout: tuple | None, source: LoraSource, alph
     new = source.buffer
     return (old.buffer is not None and new is not None and old.layout is not None and old.layout == layout
             and new.shape == old.buffer.shape and new.device == old.buffer.device and old.alphas == alphas
-            and old.offsets == {k: i.offsets for k, i in source.infos.items()})
+            and old.table == tuple(source.infos.items()))  # (one C-level comparison of ~2,000 entries)
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ def copy_buffer(old: Adapter, source: LoraSource, states: list[ComponentState]) 
     """The hotswap of a file laid out as ``old``'s (see :func:`can_copy_buffer`): one device copy of its data section
     into the buffer every delta views, then :func:`refresh`."""
     old.buffer.copy_(source.buffer)
-    refresh([d for modules in old.layers.values() for d in modules.values()], states)
+    refresh(old, states)
 
 
 def can_copy_tensors(old: Adapter, layout: tuple | None, tensors: Mapping[str, torch.Tensor],
@@ -116,24 +116,55 @@ def copy_tensors(old: Adapter, tensors: Mapping[str, torch.Tensor], states: list
     else:  # a state dict in host memory for a model on the GPU: tensor by tensor
         for a, b in zip(dst, src):
             a.copy_(b)
-    refresh([d for modules in old.layers.values() for d in modules.values()], states)
+    refresh(old, states)
 
 
-def refresh(deltas: list[WeightDelta], states: list[ComponentState]) -> None:
-    """After the values of ``deltas`` changed in place, bring everything derived from them up to date: cached
-    low-rank forms and stacked factors are recomputed in place, layers holding the old values are marked stale (the
-    next sync re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch
-    stacks hold the old values)."""
-    swapped = set()
-    for top in deltas:
-        for d in _nested(top):
-            swapped.add(id(d))
-            cached = d.__dict__.get("_low_rank")
-            if cached is not None and not _views_of_fields(d, cached):
-                del d.__dict__["_low_rank"]  # derived (a Tucker core folded into down): recomputed when next asked
-    batched.refresh(swapped)
+class SwapIndex:
+    """What a hotswap of one adapter brings up to date, worked out once: an in-place hotswap keeps its deltas, so the
+    next one finds the same. Kept on the adapter (``Adapter.swap_index``) while it holds the same modules."""
+
+    def __init__(self, adapter: Adapter):
+        nested = [d for modules in adapter.layers.values() for top in modules.values() for d in _nested(top)]
+        self.modules = adapter.num_modules()  # a delete from a component makes the index stale
+        self.ids = frozenset(map(id, nested))
+        self.paths = {c: list(m) for c, m in adapter.layers.items() if m}
+        self.derived: list[WeightDelta] = []  # cached low-rank form computed from the fields: dropped at every swap
+        self.unseen = nested  # no cached form yet: looked at when it has one (once per delta)
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> SwapIndex:
+        index = adapter.swap_index
+        if index is None or index.modules != adapter.num_modules():
+            index = adapter.swap_index = cls(adapter)
+        return index
+
+    def drop_derived(self) -> None:
+        """Drop the cached low-rank forms that are not views of their delta's fields (a Tucker core folded into
+        ``down``): they are recomputed when next asked for. Views see the new values as they are."""
+        if self.unseen:
+            pending = []
+            for d in self.unseen:
+                cached = d.__dict__.get("_low_rank")
+                if cached is None:
+                    pending.append(d)
+                elif not _views_of_fields(d, cached):
+                    self.derived.append(d)
+            self.unseen = pending
+        for d in self.derived:
+            d.__dict__.pop("_low_rank", None)
+
+
+def refresh(adapter: Adapter, states: list[ComponentState]) -> None:
+    """After the values of ``adapter``'s deltas changed in place, bring everything derived from them up to date:
+    cached low-rank forms and stacked factors are recomputed in place, its layers are marked stale (the next sync
+    re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch stacks hold
+    the old values)."""
+    index = SwapIndex.of(adapter)
+    index.drop_derived()
+    batched.refresh(index.ids)
+    stale = ("<stale after a hotswap>", next(_STALE))
     for state in states:
-        _mark_stale(state, swapped)
+        _mark_stale(state, index.paths.get(state.name, ()), index.ids, stale)
 
 
 def _views_of_fields(delta: WeightDelta, cached: tuple[torch.Tensor, ...]) -> bool:
@@ -141,15 +172,19 @@ def _views_of_fields(delta: WeightDelta, cached: tuple[torch.Tensor, ...]) -> bo
     return all(t.untyped_storage().data_ptr() in fields for t in cached)
 
 
-def _mark_stale(state: ComponentState, swapped: set[int]) -> None:
+def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[int], stale: tuple) -> None:
+    """The layers at ``paths`` (where the swapped deltas sit) may hold the old values: re-merged at the next sync
+    (conservative: at worst a layer is re-merged for nothing), branches restacked."""
     current = state._plan
     state._plans = {k: p for k, p in state._plans.items() if p is current}
-    for layer in state.layers.values():
-        if swapped.isdisjoint(map(id, layer.deltas.values())):
+    layers = state.layers
+    for path in paths:
+        layer = layers.get(path)
+        if layer is None:  # (every module of an adapter has its layer: never expected)
             continue
         if layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
             layer.restack_branch()
-        if layer.applied != ():  # may hold the old values (conservative: at worst a layer is re-merged for nothing)
-            layer.applied = ("<stale after a hotswap>", next(_STALE))
+        if layer.applied != ():
+            layer.applied = stale
     if current is not None:
         current.invalidate(swapped)

@@ -52,6 +52,7 @@ class LayerState:
     branch_applied: tuple = ()
     _branch_run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (x, output) -> output + branch
     _facts: tuple | None = None
+    _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
 
     def __getstate__(self) -> dict:

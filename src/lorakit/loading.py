@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -57,6 +57,9 @@ class LoadPlan:
     ignored: list[str] = field(default_factory=list)
     layout: tuple | None = None  # set by PlanCache: files with equal layouts build adapters of equal layouts
     norms: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> {norm parameter: file key}
+    #: what a load works out from the modules alone (the device to read to), once: shared by the copies PlanCache
+    #: hands out for files of this layout
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def components(self) -> list[str]:

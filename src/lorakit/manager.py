@@ -151,11 +151,16 @@ class LoraManager:
             self.states[comp].control.overwrite_norms(self.states[comp].model,
                                                       {param: tensors[key] for param, key in norms.items()})
 
-    def _load_device(self, plan) -> torch.device:
-        """Read tensors straight onto the targets' device when they all share one (no host round trip)."""
-        devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
-        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    def _load_device(self, plan: LoadPlan) -> torch.device:
+        """Read tensors straight onto the targets' device when they all share one (no host round trip). Worked out
+        once per plan (a plan is kept for the components' placement); were some modules moved since, the deltas
+        are still built where their weights are, at the cost of a conversion."""
+        device = plan.memo.get("device")
+        if device is None:
+            devices = {self.states[m.component].index.modules[m.path].weight.device for m in plan.modules}
+            device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+            device = plan.memo["device"] = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+        return device
 
     def _register(self, adapter: Adapter, activate: bool = True) -> None:
         adapter.family = model_family({n: s.model for n, s in self.states.items()})
@@ -190,8 +195,10 @@ class LoraManager:
             raise AdapterError(f"{source.name}: a FLUX Control LoRA (norm overwrites, a widened input layer) cannot be "
                                f"hotswapped; load it with hotswap=False. Adapter {adapter_name!r} is unchanged.")
         if self.hotswap_rank is not None:
-            too_big = [f"{m.component}.{m.path}" for m in plan.modules if m.keys.algorithm == "lora"
-                       and source.infos[m.keys.fields["down"]].shape[0] > self.hotswap_rank]
+            # (ranks first: reading a shape is cheaper than detecting the algorithm of ~1000 modules)
+            too_big = [f"{m.component}.{m.path}" for m in plan.modules if "down" in m.keys.fields
+                       and source.infos[m.keys.fields["down"]].shape[:1] > (self.hotswap_rank,)
+                       and m.keys.algorithm == "lora"]
             if too_big:
                 raise AdapterError(f"{source.name}: rank above enable_lora_hotswap(target_rank={self.hotswap_rank}) "
                                    f"at {preview(too_big, 3)}; call enable_lora_hotswap with a larger target_rank "
@@ -210,7 +217,7 @@ class LoraManager:
         new = build_adapter(plan, adapter_name, self.states, tensors)
         pairs = swapping.matching_pairs(old, new)
         if pairs is not None:  # same layout (a new checkpoint of the same run): copy the values in place
-            swapping.swap_values(pairs, list(self.states.values()))
+            swapping.swap_values(old, pairs, list(self.states.values()))
             old.format, old.layout, old.alphas = new.format, new.layout, new.alphas  # (its buffer, if any, stays)
             return self._swapped(old, new.source, new.metadata)
         batched.forget(d for modules in old.layers.values() for d in modules.values())

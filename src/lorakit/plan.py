@@ -53,6 +53,14 @@ class _MergeChunk:
     static: torch.Tensor  # [n, K] float64
     clean: bool  # every member already held these contributions when the plan was built
     last: torch.Tensor | None = None
+    ids: frozenset[int] | None = None  # its deltas' ids, once a hotswap asked (invalidate)
+    members: list[tuple[int, tuple[int, ...]]] | None = None  # (layer id, its deltas' ids), once written() asked
+
+    def member_ids(self) -> list[tuple[int, tuple[int, ...]]]:
+        if self.members is None:
+            self.members = [(id(layer), tuple(id(d) for d, _ in contributions))
+                            for layer, contributions, _ in self.chunk.members]
+        return self.members
 
 
 @dataclass
@@ -130,10 +138,12 @@ class SwitchPlan:
             buf.rescale()
         self.fresh = False
 
-    def invalidate(self, swapped: set[int]) -> None:
+    def invalidate(self, swapped: frozenset[int]) -> None:
         """Chunks merging any of these deltas are rewritten at the next run (their values changed: a hotswap)."""
         for mc in self.chunks:
-            if any(id(d) in swapped for _, contributions, _ in mc.chunk.members for d, _ in contributions):
+            if mc.ids is None:
+                mc.ids = frozenset(id(d) for _, contributions, _ in mc.chunk.members for d, _ in contributions)
+            if not swapped.isdisjoint(mc.ids):
                 mc.last, mc.clean = None, False
 
     def written(self) -> dict[int, tuple]:
@@ -142,8 +152,8 @@ class SwitchPlan:
         for mc in self.chunks:
             if mc.last is None:
                 continue
-            for (layer, contributions, _), row in zip(mc.chunk.members, mc.last.tolist()):
-                out[id(layer)] = tuple((id(d), m) for (d, _), m in zip(contributions, row))
+            for (layer, ids), row in zip(mc.member_ids(), mc.last.tolist()):
+                out[layer] = tuple(zip(ids, row))  # as _signature: (delta id, multiplier) pairs
         return out
 
     def _run_chunks(self, table: torch.Tensor) -> None:
@@ -207,7 +217,6 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
     groups: dict[tuple, list[tuple[int, LayerState, list[Slot], list[Contribution], bool]]] = defaultdict(list)
     branch_layers: list[tuple[int, LayerState, list[Slot]]] = []
     for row, (_, layer, merged, branch) in enumerate(items):
-        contributions = _contributions(merged, values, row)
         if branch:
             branch_layers.append((row, layer, branch))
         elif layer.branch is not None:
@@ -219,13 +228,16 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
             elif layer.applied != ():
                 plan.singles.append((row, layer, merged))
             continue
+        mults = values[row]
+        contributions = [(s.delta, s.static * mults[s.col]) for s in merged]
         group = batched.batch_key(layer, contributions)
         if group is None:
             plan.singles.append((row, layer, merged))
             continue
         if layer.base is None:
             layer.base = layer.weight.detach().clone()
-        clean = resolve(layer) == _signature(contributions)
+        held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
+        clean = held is not None and len(held) == len(contributions) and held == _signature(contributions)
         groups[group].append((row, layer, merged, contributions, clean))
     for group, members in groups.items():
         for part in batched.split(group, members):

@@ -166,11 +166,11 @@ class ComponentState:
                fused: list[FusedEntry]) -> list[tuple[str, LayerState, list[plan.Slot], list[plan.Slot]]]:
         """Per layer: the slots merged into its weight and those run as its branch."""
         items = []
+        names = [(j, name) for j, (name, _, _) in enumerate(live)]
         for path, layer in self.layers.items():
-            merged = [plan.Slot(d, m, -1) for f in fused if path in f.contributions
-                      for d, m in (f.contributions[path],)]
-            mine = [plan.Slot(layer.deltas[name], layer.deltas[name].scale, j)
-                    for j, (name, _, _) in enumerate(live) if name in layer.deltas]
+            merged = [plan.Slot(*f.contributions[path], -1) for f in fused if path in f.contributions] if fused else []
+            deltas = layer.deltas
+            mine = [plan.Slot(d, d.scale, j) for j, name in names if (d := deltas.get(name)) is not None]
             if branch_mode and all(s.delta.additive for s in merged + mine):
                 branch = [s for s in mine if s.delta.low_rank() is not None]
                 merged += [s for s in mine if s.delta.low_rank() is None]  # full-rank deltas have no cheap branch

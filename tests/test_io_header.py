@@ -1,0 +1,52 @@
+"""safetensors headers: parsed with column-wise checks, the entry at fault named; repeated headers parsed once."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorakit.errors import LoraFileError
+from lorakit.io import read_safetensors_header
+
+
+def _raw_file(path, header: dict, data_len: int) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_len))
+
+
+def test_header_matches_safetensors_own_reading(tmp_path):
+    tensors = {"b": torch.zeros(3, 4, dtype=torch.float16), "a": torch.ones(2, dtype=torch.float32),
+               "s": torch.tensor(1.5), "i": torch.zeros(2, 2, dtype=torch.int8)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    infos, meta = read_safetensors_header(path)
+    assert meta == {"format": "pt"} and set(infos) == set(tensors)
+    data = path.read_bytes()
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    for key, t in tensors.items():
+        dtype, shape, (lo, hi) = infos[key]
+        assert (dtype, shape) == (t.dtype, tuple(t.shape))
+        assert torch.equal(torch.frombuffer(bytearray(data[start + lo:start + hi]), dtype=dtype).reshape(shape), t)
+    again, _ = read_safetensors_header(path)  # the same bytes: a kept parse, as a new dict
+    assert again == infos and again is not infos
+
+
+GOOD = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32, 48]}, "corrupt header entry for key 'bad'"),
+    ({"dtype": "F32", "shape": [2, True], "data_offsets": [16, 24]}, "corrupt header entry for key 'bad'"),
+    ({"dtype": "F32", "shape": [2.0, 2], "data_offsets": [16, 32]}, "corrupt header entry for key 'bad'"),
+    ({"dtype": "X9", "shape": [2, 2], "data_offsets": [16, 32]}, "corrupt header entry for key 'bad'"),
+    ({"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 28]}, "tensor 'bad' has shape"),
+    ({"dtype": "F32", "shape": [4, 2], "data_offsets": [16, 48]}, "tensor 'bad' lies at bytes 16..48"),
+    ({"dtype": "F32", "shape": [-2, 2], "data_offsets": [32, 16]}, "tensor 'bad' lies at bytes 32..16"),
+])
+def test_bad_entry_is_named(tmp_path, bad, match):
+    path = tmp_path / "bad.safetensors"
+    _raw_file(path, {"good": GOOD, "bad": bad}, 32)
+    with pytest.raises(LoraFileError, match=match):
+        read_safetensors_header(path)
