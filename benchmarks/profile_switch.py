@@ -2,7 +2,8 @@
 
 Times each state-changing call twice: the host time until the call returns, and the time until the GPU is done; then
 profiles a few ``set_adapters`` calls with cProfile (Python) and torch.profiler (kernels). Run on the GPU machine:
-``python3 benchmarks/profile_switch.py`` (see benchmarks/README.md for the wheels).
+``python3 benchmarks/profile_switch.py`` (see benchmarks/README.md for the wheels); ``--hotswap-only`` stops after
+the hotswap profiles, ``--new-plan`` adds a profile of a set_adapters that lays out a new switch plan.
 """
 from __future__ import annotations
 
@@ -92,6 +93,11 @@ def main() -> None:
     pipe.load_lora_weights(str(swaps[0]), adapter_name="hs")
     pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     w = iter(range(10**6))
+
+    def forget_plans() -> None:  # the next set_adapters lays out a plan, as the first one after a load does
+        for state in pipe._lorakit_manager.states.values():
+            state.forget_plans()
+
     ops = {
         "set_adapters 1": lambda: pipe.set_adapters("a", 0.5 + 0.001 * next(w)),
         "set_adapters 2": lambda: pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8]),
@@ -103,6 +109,7 @@ def main() -> None:
         "load+delete": load,
         "hotswap file": lambda: pipe.load_lora_weights(str(swaps[next(w) % 2]), adapter_name="hs", hotswap=True),
         "hotswap dict": lambda: pipe.load_lora_weights(resident[next(w) % 2], adapter_name="hs", hotswap=True),
+        "new plan, 2": lambda: (forget_plans(), pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8])),
     }
     for name, fn in ops.items():
         fn()
@@ -111,6 +118,8 @@ def main() -> None:
 
     for what in ("hotswap file", "hotswap dict"):
         print(what, "x3", python_profile(ops[what], "cumtime", 25))
+    if "--new-plan" in sys.argv:
+        print("new plan, 2 x3", python_profile(ops["new plan, 2"], "tottime", 30))
     if "--hotswap-only" in sys.argv:
         return
     pipe.set_adapters(["a", "b"], [0.5, 0.8])
