@@ -117,6 +117,13 @@ def hotswap_rows(pipe, manager, unet, dtype: torch.dtype, repeats: int, rank: in
     assert manager.adapters["hs"].buffer is buffer, "a hotswap left the buffer-copy path"
     label = f"hotswap, same-layout file ({len(tensors)} tensors, r{rank})"
     print(f"  {label:48s} {took:7.2f} ms")
+    first = []
+    for i in range(repeats):  # a server's case: a checkpoint swapped into an adapter loaded just before
+        pipe.load_lora_weights(str(files[2]), adapter_name=f"fresh{i}")
+        first.append(median_ms(lambda: pipe.load_lora_weights(str(files[i % 2]), adapter_name=f"fresh{i}",  # noqa: B023
+                                                               hotswap=True), 1))
+        pipe.delete_adapters(f"fresh{i}")
+    print(f"  {'first hotswap into a freshly loaded adapter':48s} {statistics.median(first):7.2f} ms")
     for f in files:
         f.unlink()
 

@@ -138,9 +138,10 @@ class SwapIndex:
             index = adapter.swap_index = cls(adapter)
         return index
 
-    def drop_derived(self) -> None:
-        """Drop the cached low-rank forms that are not views of their delta's fields (a Tucker core folded into
-        ``down``): they are recomputed when next asked for. Views see the new values as they are."""
+    def settle(self) -> None:
+        """Sort the deltas that have built their cached low-rank form since the last look: views of their fields, or
+        derived (a Tucker core folded into ``down``). Done once per delta; a load with hotswap enabled does it, so
+        that the first hotswap does not."""
         if self.unseen:
             pending = []
             for d in self.unseen:
@@ -150,6 +151,11 @@ class SwapIndex:
                 elif not _views_of_fields(d, cached):
                     self.derived.append(d)
             self.unseen = pending
+
+    def drop_derived(self) -> None:
+        """Drop the cached low-rank forms that are derived (see :meth:`settle`): they are recomputed when next
+        asked for. Views see the new values as they are."""
+        self.settle()
         for d in self.derived:
             d.__dict__.pop("_low_rank", None)
 

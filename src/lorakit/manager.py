@@ -136,6 +136,8 @@ class LoraManager:
         self._apply_control(plan, tensors)
         if adapter.components:
             self._register(adapter)
+            if self.hotswap_rank is not None:  # hotswaps will follow: what they refresh is worked out now, once
+                swapping.SwapIndex.of(adapter).settle()
         self._loaded += 1
         return name
 
