@@ -18,10 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lorakit  # noqa: E402
 from lorakit import kernels  # noqa: E402
-from lorakit.testing import models as tm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_switch import lora_file, python_profile  # noqa: E402
+from profile_switch import lora_file, python_profile, sdxl_pipe  # noqa: E402
 
 
 def until_done(fn) -> float:
@@ -38,11 +37,7 @@ def weights(comps: dict) -> list[torch.Tensor]:
 
 def main() -> None:
     dev, dt = "cuda", torch.float16
-    unet = tm.sdxl_unet(device=dev, dtype=dt)
-    te1, te2 = tm.sdxl_text_encoders(device=dev, dtype=dt)
-    comps = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
-    pipe = types.SimpleNamespace(**comps)
-    lorakit.attach(pipe, mode="merge")
+    pipe, comps = sdxl_pipe(dev, dt)
     for i in range(4):
         pipe.load_lora_weights(lora_file(comps, seed=i), adapter_name="abcd"[i])
     deadline = time.time() + 60

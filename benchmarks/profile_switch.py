@@ -66,13 +66,19 @@ def python_profile(fn, sort: str, rows: int, n: int = 3) -> str:
     return s.getvalue()
 
 
-def main() -> None:
-    dev, dt = "cuda", torch.float16
+def sdxl_pipe(dev: str = "cuda", dt: torch.dtype = torch.float16) -> tuple[types.SimpleNamespace, dict]:
+    """An SDXL UNet and both text encoders (seeded, full size) as a lorakit-attached pipeline, and its components."""
     unet = tm.sdxl_unet(device=dev, dtype=dt)
     te1, te2 = tm.sdxl_text_encoders(device=dev, dtype=dt)
     comps = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
     pipe = types.SimpleNamespace(**comps)
     lorakit.attach(pipe, mode="merge")
+    return pipe, comps
+
+
+def main() -> None:
+    dev = "cuda"
+    pipe, comps = sdxl_pipe(dev)
     files = [lora_file(comps, seed=i) for i in range(4)]
     print("tensors per file", len(files[0]))
     counter = iter(range(10**6))
