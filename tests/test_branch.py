@@ -180,7 +180,7 @@ def test_refresh_after_values_change_in_place_rescales_without_a_switch():
     deltas = [layer.deltas["a"] for layer in state.layers.values()]
     for delta in deltas:
         delta.down.mul_(-2.0)
-    hotswap.refresh(pipe._lorakit_manager.adapters["a"], [state])
+    hotswap.refresh(deltas, [state])
     x = inputs()
     want = reference(model, x, [-2.0 * WEIGHTS[0][0], WEIGHTS[0][1]])  # -2 * a at weight w is a at weight -2w
     for got, ref in zip(model(x), want):
