@@ -8,11 +8,9 @@ from that copy whenever the mix changes (one ``addmm`` per adapter, written stra
 runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and ``torch.compile`` see a plain model.
 
 **branch** (the default on CPU, and the basis for per-sample adapters). The weight holds only the base and what the
-user fused; active low-rank adapters run as one stacked branch per layer, ``out += (x @ (s * A_cat)^T) @ B_cat^T``:
-one shrink and one in-place expand whatever the number of adapters, ``s`` holding each adapter's multiplier over its
-ranks, folded into the stacked down factor (in fp32, rounded once) so that nothing else runs per call. The unscaled
-stack is kept: a change of weights or scales rewrites ``s`` and the scaled factor in place; only a change of the
-adapter set restacks the factors.
+user fused; active low-rank adapters run as one stacked branch per layer, ``out += ((x @ A_cat^T) * s) @ B_cat^T``,
+one shrink and one expand whatever the number of adapters, ``s`` holding each adapter's multiplier over its ranks.
+A change of weights or scales rewrites ``s`` in place; only a change of the adapter set restacks the factors.
 
 Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """
@@ -20,7 +18,6 @@ Memory: one exact copy of every targeted weight, on the weight's device unless `
 from __future__ import annotations
 
 import copyreg
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,23 +44,11 @@ class LayerState:
     backup_device: torch.device | None = None
     applied: tuple = ()
     branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
-    branch_scale: torch.Tensor | None = None  # [R] fp32: each adapter's multiplier, repeated over its rank
-    branch_down: torch.Tensor | None = None  # the stacked down factor times branch_scale: what the forward runs
+    branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
-    _branch_run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (x, output) -> output + branch
     _facts: tuple | None = None
     _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
-
-    def __getstate__(self) -> dict:
-        # torch.save(model) reaches layers through the component's state-dict hook: a runner (a closure) does not
-        # pickle, and is rebuilt from the tensors it reads
-        return {**self.__dict__, "_branch_run": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.branch is not None:
-            self._branch_run = _runner(self.module, self.branch_down, self.branch[1])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -168,59 +153,46 @@ class LayerState:
     # ------------------------------------------------------------------------------------------ branch
     @torch.no_grad()
     def set_branch(self, contributions: list[Contribution]) -> None:
-        """Run these low-rank contributions as one stacked branch (shrink with the scaled down factor, expand) in the
-        forward pass.
+        """Run these low-rank contributions as one stacked branch (shrink, scale, expand) in the forward pass.
 
         The stacked factors are rebuilt only when the set of adapters changes; a change of weights or call-time
-        scale only rewrites the per-rank scales and the scaled down factor, in place."""
+        scale only rewrites the small per-rank scale vector, in place."""
         if not contributions and not self._running:
             return  # the merge path's common case: nothing to run, nothing to remove
+        structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
         if not contributions:
-            self.branch = self.branch_scale = self.branch_down = self._branch_run = None
-            self.branch_applied = ((), self.weight.device, self.weight.dtype)
+            self.branch, self.branch_scale, self.branch_applied = None, None, structure
             self._run(False)  # no branch: the layer runs its own class's forward, at base speed
             return
-        values = torch.tensor([m for d, m in contributions for _ in range(d.rank)], dtype=torch.float32)
-        branch, structure = self.stack_branch(contributions)
-        if structure == self.branch_applied:
-            self.branch_scale.copy_(values)
-            rescale(branch[0], self.branch_scale, self.branch_down)
-            return
-        scale = values.to(branch[0].device)
-        self.attach_branch(branch, scale, rescale(branch[0], scale, torch.empty_like(branch[0])), structure)
-
-    def stack_branch(self, contributions: list[Contribution]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
-        """The unscaled stacked factors (down, up) of these contributions' deltas and the structure they make: the
-        factors running now when the structure is the same (no work), else new ones."""
         w = self.weight
-        structure = (tuple(id(d) for d, _ in contributions), w.device, w.dtype)
-        if structure == self.branch_applied and self.branch is not None:
-            return self.branch, structure
+        values = [m for d, m in contributions for _ in range(d.rank)]
+        if structure == self.branch_applied:
+            self.branch_scale.copy_(torch.tensor(values, dtype=w.dtype))
+            return
         pairs = [d.low_rank() for d, _ in contributions]
         b = torch.cat([up.to(w.device, w.dtype) for up, _ in pairs], 1)
         a = torch.cat([down.to(w.device, w.dtype) for _, down in pairs], 0)
         if isinstance(self.module, nn.Conv2d):
             a = a.reshape(a.shape[0], *w.shape[1:])
             b = b.reshape(*b.shape, 1, 1)
-        return (a, b), structure
+        self.branch = (a, b)
+        self.branch_scale = torch.tensor(values, dtype=w.dtype, device=w.device)
+        self.branch_applied = structure
+        self._run(True)
 
     @torch.no_grad()
     def restack_branch(self) -> None:
         """Recompute the stacked branch factors in place from the deltas they came from (whose values changed: a
-        hotswap), and the scaled down factor from them; a compiled graph that reads them sees the new values."""
+        hotswap); a compiled graph that reads them sees the new values."""
         by_id = {id(d): d for d in self.deltas.values()}
         pairs = [by_id[i].low_rank() for i in self.branch_applied[0]]
         a, b = self.branch
         a.view(a.shape[0], -1).copy_(torch.cat([down for _, down in pairs], 0))
         b.view(b.shape[0], -1).copy_(torch.cat([up for up, _ in pairs], 1))
-        rescale(a, self.branch_scale, self.branch_down)
 
-    def attach_branch(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, down: torch.Tensor,
-                      structure: tuple) -> None:
-        """Run this branch: stacked unscaled factors, per-rank fp32 scales and the down factor scaled by them (which
-        the caller keeps equal to ``branch[0] * scale``). Also a switch back to a branch set up earlier, as it was."""
-        self.branch, self.branch_scale, self.branch_down, self.branch_applied = branch, scale, down, structure
-        self._branch_run = _runner(self.module, down, branch[1])  # decided once here, not at each call
+    def attach_branch(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, structure: tuple) -> None:
+        """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
+        self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
         self._run(True)
 
     def _run(self, on: bool) -> None:
@@ -229,34 +201,41 @@ class LayerState:
         host time (an SDXL UNet at 1024px on an H200: ~42 ms of GPU work in an 86 ms step). A module whose forward
         is patched on the instance (accelerate's offload hooks do that) would never call the subclass's forward: it
         gets a forward hook instead."""
+        if on == bool(self._running):
+            return
         module = self.module
-        if on and self._running:
-            if self._running is True:  # a new runner (new tensors) for the running subclass; a plain attribute
-                module.__dict__["_lorakit_run"] = self._branch_run  # (Module.__setattr__ costs ~1 us a layer)
-            return
-        if not on and not self._running:
-            return
         if on and "forward" in module.__dict__:
             self._running = module.register_forward_hook(self._hooked)
         elif on:
             module._lorakit_layer = self
-            module._lorakit_run = self._branch_run
             module.__class__ = _branch_class(type(module))
             self._running = True
         elif self._running is True:
             module.__class__ = module.__class__._lorakit_base
-            del module._lorakit_layer, module._lorakit_run
+            del module._lorakit_layer
             self._running = False
         else:
             self._running.remove()
             self._running = False
 
     def _hooked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self._branch_run(inputs[0], output)
+        return self.run_branch(module, inputs[0], output)
 
-    def run_branch(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output`` (the layer's own, on input ``x``) plus this layer's branch; ``output`` itself when it has none."""
-        return output if self._branch_run is None else self._branch_run(x, output)
+    def run_branch(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output`` (the layer's own) plus this layer's branch on its input ``x``."""
+        if self.branch is None:
+            return output
+        a, b = self.branch
+        if isinstance(module, nn.Conv2d):
+            hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
+            return output + F.conv2d(hidden * self.branch_scale[:, None, None], b)
+        hidden = F.linear(x, a)
+        if output.requires_grad or not output.is_contiguous():  # training: out of place, autograd sees every step
+            return output + F.linear(hidden * self.branch_scale, b)
+        # Inference: 3 kernels, no new activation: scale the small hidden in place, add the expand into the output
+        hidden.mul_(self.branch_scale)
+        output.view(-1, output.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t())
+        return output
 
     @torch.no_grad()
     def release(self, keep: list[Contribution]) -> None:
@@ -273,68 +252,6 @@ class LayerState:
         self.deltas.clear()
 
 
-def rescale(down: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = down * scale`` over the rank (the first dimension), computed in fp32 (``scale``'s dtype) and rounded
-    once to ``out``'s dtype: one operation, for one layer or for a buffer that many layers' factors are views of."""
-    return torch.mul(down, scale.view(-1, *(1,) * (down.dim() - 1)), out=out)
-
-
-Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _runner(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> Runner:
-    """The per-call work of a branch, ``(x, output) -> output + branch(x)``, with everything that does not change
-    from call to call (the layer kind, the transposed up factor, the conv geometry) decided here once: the eager
-    forward of a denoiser is bound by host time, ~700 calls of this per step. The tensors are read, never copied:
-    their values change in place (scales, hotswap) and the runner sees them."""
-    if isinstance(module, nn.Conv2d):
-        return _conv_runner(down, up, module.stride, module.padding, module.dilation)
-    return _linear_runner(down, up)
-
-
-def _linear_runner(down: torch.Tensor, up: torch.Tensor) -> Runner:
-    up_t = up.t()
-    rank, width = up.shape[1], up.shape[0]
-    batched: dict[int, torch.Tensor] = {}  # batch size -> up_t expanded over it (for baddbmm_ on 3-D outputs)
-
-    def run(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x, down)
-        if output.requires_grad:  # training: out of place, autograd sees every step
-            return output + F.linear(hidden, up)
-        # Inference: 2 kernels, no new activation: the expand is added into the output in place
-        dims = output.dim()
-        if dims == 2:
-            return output.addmm_(hidden, up_t)
-        if dims == 3 and not torch.compiler.is_compiling():  # (a graph would guard on the cache)
-            up_n = batched.get(output.shape[0])
-            if up_n is None:
-                up_n = batched[output.shape[0]] = up_t.expand(output.shape[0], rank, width)
-            return output.baddbmm_(hidden, up_n)
-        if output.is_contiguous():
-            output.view(-1, width).addmm_(hidden.view(-1, rank), up_t)
-            return output
-        return output.add_(F.linear(hidden, up))
-
-    return run
-
-
-def _conv_runner(down: torch.Tensor, up: torch.Tensor, stride: tuple, padding: tuple | str,
-                 dilation: tuple) -> Runner:
-    up_2d = up.flatten(1)  # the expand is a 1x1 conv: a matmul over the channels at each pixel
-
-    def run(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        hidden = F.conv2d(x, down, None, stride, padding, dilation)
-        if output.requires_grad:
-            return output + F.conv2d(hidden, up)
-        if not output.is_contiguous():  # channels_last: no [N, C, H*W] view of it
-            return output.add_(F.conv2d(hidden, up))
-        n = output.shape[0]
-        output.view(n, output.shape[1], -1).baddbmm_(up_2d.expand(n, -1, -1), hidden.flatten(2))
-        return output
-
-    return run
-
-
 _BRANCH_CLASSES: dict[type, type] = {}
 
 
@@ -345,7 +262,7 @@ def _branch_class(cls: type) -> type:
         base_forward = cls.forward
 
         def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            return self._lorakit_run(input, base_forward(self, input, *args, **kwargs))
+            return self._lorakit_layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
 
         made = _BRANCH_CLASSES[cls] = type(cls.__name__, (cls,), {
             "forward": forward, "_lorakit_base": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -357,14 +274,14 @@ def _reduce_as_base(module: nn.Module, protocol: int) -> tuple:
     """Pickle (``torch.save(model)``) and ``copy.deepcopy`` a branch-running layer as a plain layer of its own class
     whose weight holds what it runs (its weight plus the branch, merged), as a layer in merge mode would be copied. A
     copy is attached to no manager: its branch could never be changed or removed, so it is not kept as one."""
-    state = {k: v for k, v in module.__dict__.items() if k not in ("_lorakit_layer", "_lorakit_run")}
+    state = {k: v for k, v in module.__dict__.items() if k != "_lorakit_layer"}
     layer: LayerState = module._lorakit_layer
     if layer.branch is not None:
-        up, down = layer.branch[1], layer.branch_down  # what runs
+        a, b = layer.branch
         w = module._parameters["weight"]
         with torch.no_grad():
-            merged = torch.addmm(w.reshape(w.shape[0], -1).float(), up.flatten(1).float(),
-                                 down.flatten(1).float()).to(w.dtype).reshape(w.shape)
+            merged = torch.addmm(w.reshape(w.shape[0], -1).float(), (b.flatten(1) * layer.branch_scale).float(),
+                                 a.flatten(1).float()).to(w.dtype).reshape(w.shape)
         state["_parameters"] = {**state["_parameters"], "weight": nn.Parameter(merged, requires_grad=w.requires_grad)}
     # (stdlib only, so loading needs no lorakit; Module.__setstate__ then takes the state)
     return copyreg._reconstructor, (module._lorakit_base, object, None), state

@@ -9,8 +9,6 @@ multiplier (fused) or a column of the live adapters' factor table. A multiplier-
     merge:  per chunk of same-shaped layers    m = static * F[rows, cols]  ->  one transfer, batched.merge_chunk
     branch: per device/dtype, one buffer that every layer's per-rank scale vector is a view of
             buffer = static_per_rank * F[rank_rows, rank_cols]
-            then per input width, one buffer that every layer's scaled down factor is a view of
-            scaled = unscaled * buffer[ranks of that width, None]      (fp32, rounded once to the layers' dtype)
 
 a few vectorised operations in all, instead of Python for each of ~1000 layers (SDXL with its text encoders).
 Layers the batched path does not cover (non-additive algorithms, weights off the batching devices) are written one
@@ -29,7 +27,7 @@ import torch
 
 from . import batched
 from .adapter import WeightDelta
-from .layers import Contribution, LayerState, _signature, rescale
+from .layers import Contribution, LayerState, _signature
 
 PLAN_MARK = "<written by a switch plan>"
 _MARKS = itertools.count()
@@ -65,17 +63,10 @@ class _MergeChunk:
 
 @dataclass
 class _BranchBuffer:
-    buffer: torch.Tensor  # every branch layer's per-rank scales, fp32, on their device
+    buffer: torch.Tensor  # every branch layer's per-rank scales, in the layers' dtype, on their device
     rows: torch.Tensor  # [R]
     cols: torch.Tensor  # [R]
     static: torch.Tensor  # [R] float64
-    # per input width: (stacked unscaled down factors [R_w, width], their scaled form, buffer[ranks of that width])
-    widths: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def rescale(self) -> None:
-        """Every layer's scaled down factor from the current scales: one operation per input width."""
-        for down, scaled, scale in self.widths:
-            rescale(down, scale, scaled)
 
 
 @dataclass
@@ -87,9 +78,8 @@ class SwitchPlan:
     restores: list[LayerState] = field(default_factory=list)
     branches: list[_BranchBuffer] = field(default_factory=list)
     branch_singles: list[tuple[int, LayerState, list[Slot]]] = field(default_factory=list)
-    # each branch layer's (stacked factors, scale view, scaled down view, structure), to put back when this plan is
-    # current again
-    branch_state: list[tuple[LayerState, tuple, torch.Tensor, torch.Tensor, tuple]] = field(default_factory=list)
+    # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
+    branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
     empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
     fresh: bool = True
     # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (written())
@@ -117,8 +107,8 @@ class SwitchPlan:
         for layer in layers:
             if layer.branch is not None and id(layer) not in mine:
                 layer.set_branch([])
-        for layer, branch, scale, down, structure in self.branch_state:
-            layer.attach_branch(branch, scale, down, structure)
+        for layer, branch, scale, structure in self.branch_state:
+            layer.attach_branch(branch, scale, structure)
 
     @torch.no_grad()
     def run(self, factors: Sequence[float | None], per_path: dict[int, list[float]]) -> None:
@@ -135,7 +125,6 @@ class SwitchPlan:
                 layer.set_branch(_contributions(slots, values, row))
         for buf in self.branches:
             buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
-            buf.rescale()
         self.fresh = False
 
     def invalidate(self, swapped: frozenset[int]) -> None:
@@ -254,51 +243,29 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
 
 def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[Slot]]],
                      values: list[list[float]]) -> None:
-    """Stack each layer's factors (where its adapter set changed), then lay the per-rank scales out in one buffer per
-    device and dtype, and the unscaled and scaled down factors in one pair of buffers per input width in it, every
-    layer running views of them: a multiplier change rewrites them all in a few operations."""
-    by_place: dict[tuple, list[tuple[int, LayerState, list[Slot], tuple, tuple]]] = defaultdict(list)
+    """Set each branch up (stacking factors where the adapter set changed), then make the per-rank scale vectors
+    views of one buffer per device and dtype, so a multiplier change rewrites them all in one operation."""
+    by_place: dict[tuple, list[tuple[int, LayerState, list[Slot]]]] = defaultdict(list)
     for row, layer, slots in layers:
-        branch, structure = layer.stack_branch(_contributions(slots, values, row))
-        by_place[(branch[0].device, branch[0].dtype)].append((row, layer, slots, branch, structure))
-    table = torch.tensor(values, dtype=torch.float64)
-    for device, members in ((place[0], m) for place, m in by_place.items()):
-        members.sort(key=lambda m: _width(m[3][0]))  # each width's ranks contiguous in the scale buffer
+        layer.set_branch(_contributions(slots, values, row))
+        if layer.branch_scale is None:
+            plan.branch_singles.append((row, layer, slots))
+            continue
+        by_place[(layer.branch_scale.device, layer.branch_scale.dtype)].append((row, layer, slots))
+    for (device, dtype), members in by_place.items():
         rows, cols, static = [], [], []
-        for row, _, slots, _, _ in members:
+        for row, _, slots in members:
             for s in slots:
                 rows += [row] * s.delta.rank
                 cols += [s.col] * s.delta.rank
                 static += [s.static] * s.delta.rank
-        buf = _BranchBuffer(torch.empty(len(rows), dtype=torch.float32, device=device), torch.tensor(rows),
-                            torch.tensor(cols), torch.tensor(static, dtype=torch.float64))
-        buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
+        buffer = torch.empty(len(rows), dtype=dtype, device=device)
         offset = 0
-        for width, group in itertools.groupby(members, key=lambda m: _width(m[3][0])):
-            offset = _pool_width(buf, list(group), width, offset)
-        buf.rescale()
-        plan.branches.append(buf)
-        plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_down, layer.branch_applied)
-                              for _, layer, *_ in members]
-
-
-def _width(down: torch.Tensor) -> int:
-    return down.numel() // down.shape[0]
-
-
-def _pool_width(buf: _BranchBuffer, members: list[tuple[int, LayerState, list[Slot], tuple, tuple]], width: int,
-                offset: int) -> int:
-    """Stack these layers' down factors (all ``width`` wide) into one buffer, with a buffer for their scaled form,
-    and attach each layer's branch as views of them and of its scales in ``buf.buffer`` (from ``offset``); returns
-    the offset after them. The scaled buffer is filled by the caller's ``buf.rescale()``."""
-    ranks = [branch[0].shape[0] for _, _, _, branch, _ in members]
-    total = sum(ranks)
-    down_all = torch.cat([branch[0].reshape(-1, width) for _, _, _, branch, _ in members])
-    scaled_all = torch.empty_like(down_all)
-    parts = zip(members, buf.buffer[offset:offset + total].split(ranks), down_all.split(ranks), scaled_all.split(ranks))
-    for (_, layer, _, (a, b), structure), scale, down, scaled in parts:
-        if a.dim() > 2:  # conv: [R, in, kh, kw]
-            down, scaled = down.view(a.shape), scaled.view(a.shape)
-        layer.attach_branch((down, b), scale, scaled, structure)
-    buf.widths.append((down_all, scaled_all, buf.buffer[offset:offset + total]))
-    return offset + total
+        for _, layer, _ in members:
+            n = layer.branch_scale.numel()
+            buffer[offset:offset + n].copy_(layer.branch_scale)
+            layer.branch_scale = buffer[offset:offset + n]
+            offset += n
+        plan.branches.append(_BranchBuffer(buffer, torch.tensor(rows), torch.tensor(cols),
+                                           torch.tensor(static, dtype=torch.float64)))
+        plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_applied) for _, layer, _ in members]
