@@ -3,9 +3,7 @@ diffusers+PEFT), scale changes, values changed in place (hotswap), and the train
 
 import types
 
-import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lorakit
