@@ -130,7 +130,7 @@ def merge(outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], up: torch
     """:func:`try_merge`'s write without its checks (sizes and alignment must hold): tests and the compile."""
     anchor = outs[0]
     offsets = [_offsets(ts, anchor.data_ptr(), anchor.itemsize) for ts in (outs, bases)]
-    _launch(anchor, *(torch.tensor(o, dtype=torch.int64, device=up.device) for o in offsets), up, down)
+    _launch(anchor, *(_on_device(o, up.device) for o in offsets), up, down)
 
 
 def _ready(device: torch.device, dtype: torch.dtype) -> bool:

@@ -46,7 +46,6 @@ class LayerState:
     branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
     branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
-    _facts: tuple | None = None
     _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
 
@@ -55,14 +54,10 @@ class LayerState:
         return self.module._parameters["weight"]  # read on every switch for ~1000 layers: skip Module.__getattr__
 
     def facts(self) -> tuple[torch.Size, torch.dtype, torch.device, torch.dtype, bool]:
-        """(shape, dtype, device, compute dtype, contiguous) of the weight, cached while its storage stays where it
-        is (plans ask for ~1000 layers at each build)."""
+        """(shape, dtype, device, compute dtype, contiguous) of the weight (batched._placement keeps what it needs
+        of them per layer)."""
         w = self.weight
-        ptr = w.data_ptr()
-        cached = self._facts
-        if cached is None or cached[0] != ptr:
-            cached = self._facts = (ptr, (w.shape, w.dtype, w.device, self._compute_dtype(), w.is_contiguous()))
-        return cached[1]
+        return w.shape, w.dtype, w.device, self._compute_dtype(), w.is_contiguous()
 
     def _compute_dtype(self) -> torch.dtype:
         # On CPU, half-precision matmuls are slow and not always fp32-accumulated: compute in fp32, round once.

@@ -217,8 +217,7 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
             elif layer.applied != ():
                 plan.singles.append((row, layer, merged))
             continue
-        mults = values[row]
-        contributions = [(s.delta, s.static * mults[s.col]) for s in merged]
+        contributions = _contributions(merged, values, row)
         group = batched.batch_key(layer, contributions)
         if group is None:
             plan.singles.append((row, layer, merged))
