@@ -12,6 +12,7 @@ on the rank; `--hotswap-rank 32` is the GPU benchmark's file. Medians of --repea
 
     python benchmarks/host_switch.py                   # SDXL UNet in fp32 (~10 GB of memory)
     python benchmarks/host_switch.py --dtype float16   # half the memory; the host work is the same
+    python benchmarks/host_switch.py --dtype float16 --rank 16 --segments   # + the group kernel's tables (CUDA's)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lorakit  # noqa: E402
-from lorakit import batched  # noqa: E402
+from lorakit import batched, kernels  # noqa: E402
 from lorakit.testing import models as tm  # noqa: E402
 from lorakit.testing.loras import TRANSFORMER_TARGETS, make_lora, to_state_dict  # noqa: E402
 
@@ -49,7 +50,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--hotswap-rank", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=4, help="of the four adapters; 16, 32...: the group kernel's")
+    parser.add_argument("--segments", action="store_true",
+                        help="lay out the group kernel's segments as plans do on CUDA (fp16/bf16, ranks of 16k)")
     args = parser.parse_args()
+    if args.segments:
+        batched.KERNEL_DEVICES = ("cpu",)  # built as on CUDA; never run (merges are stubbed)
+        kernels.ready = lambda device, dtype: False
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     batched.DEVICES = ("cpu",)  # the batched route, as on a GPU...
@@ -58,7 +65,7 @@ def main() -> None:
     pipe = types.SimpleNamespace(unet=unet)
     manager = lorakit.attach(pipe, mode="merge")
     for i, name in enumerate("abcd"):
-        layers = make_lora(unet, rank=4, seed=i, targets=TRANSFORMER_TARGETS, dtype=dtype)
+        layers = make_lora(unet, rank=args.rank, seed=i, targets=TRANSFORMER_TARGETS, dtype=dtype)
         pipe.load_lora_weights(to_state_dict(layers, "peft", "unet"), adapter_name=name)
     state = manager.states["unet"]
     print(f"SDXL UNet, {len(state.layers)} targeted layers, merges stubbed out; medians of {args.repeats}")

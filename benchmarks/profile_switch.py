@@ -3,7 +3,10 @@
 Times each state-changing call twice: the host time until the call returns, and the time until the GPU is done; then
 profiles a few ``set_adapters`` calls with cProfile (Python) and torch.profiler (kernels). Run on the GPU machine:
 ``python3 benchmarks/profile_switch.py`` (see benchmarks/README.md for the wheels); ``--hotswap-only`` stops after
-the hotswap profiles, ``--new-plan`` adds a profile of a set_adapters that lays out a new switch plan.
+the hotswap profiles, ``--new-plan`` adds a profile of a set_adapters that lays out a new switch plan, ``--first``
+profiles what bench.py times as "hotswap" and "unload": the first hotswap of a new file into an adapter loaded from a
+file just before (as bench.py does), and ``unload_lora_weights`` of four adapters (both with cProfile and
+torch.profiler).
 """
 from __future__ import annotations
 
@@ -92,6 +95,10 @@ def main() -> None:
 
     for i, sd in enumerate(files):
         pipe.load_lora_weights(sd, adapter_name="abcd"[i])
+    waited = time.perf_counter()
+    while not lorakit.kernels.ready(torch.device(dev, 0), torch.float16) and time.perf_counter() - waited < 120:
+        time.sleep(0.05)  # the merge kernels compile in the background: time what runs once they are in
+    print(f"kernels {dict(lorakit.kernels._READY)} after {time.perf_counter() - waited:.1f} s")
     swaps = [Path(path.parent) / f"swap{i}.safetensors" for i in range(2)]
     for i, target in enumerate(swaps):  # same layout as adapter "a": a new checkpoint of the same run
         save_file(lora_file(comps, seed=10 + i), str(target))
@@ -122,6 +129,9 @@ def main() -> None:
         h, t = timed(fn)
         print(f"{name:16s} host {h:7.1f} ms   total {t:7.1f} ms")
 
+    if "--first" in sys.argv:
+        first_swap_and_unload(pipe, comps, path.parent)
+        return
     for what in ("hotswap file", "hotswap dict"):
         print(what, "x3", python_profile(ops[what], "cumtime", 25))
     if "--new-plan" in sys.argv:
@@ -138,6 +148,61 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     print(python_profile(load, "cumtime", 30))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
+
+
+def first_swap_and_unload(pipe, comps: dict, folder: Path, n: int = 4) -> None:
+    """bench.py's "hotswap" (a new file swapped into an adapter loaded from another file just before) and "unload"
+    (four adapters), each timed ``n`` times on fresh adapters, then profiled once more."""
+    pipe.unload_lora_weights()
+    pipe.enable_lora_hotswap(target_rank=32)
+    news = []
+    for i in range(2 * n + 2):
+        news.append(folder / f"new{i}.safetensors")
+        save_file(lora_file(comps, seed=100 + i), str(news[-1]))
+    swaps, unloads = [], []
+    for i in range(n + 1):
+        pipe.load_lora_weights(str(news[2 * i]), adapter_name="hs")
+        torch.cuda.synchronize()
+        prof = cProfile.Profile() if i == n else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        pipe.load_lora_weights(str(news[2 * i + 1]), adapter_name="hs", hotswap=True)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if prof:
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(30)
+            print("first hotswap, profiled:", s.getvalue())
+        else:
+            swaps.append(((t1 - t0) * 1e3, (t2 - t0) * 1e3))
+        for name in "bcd":
+            pipe.load_lora_weights(str(news[0]), adapter_name=name)
+        pipe.set_adapters(["hs", "b", "c", "d"], [0.5, 0.6, 0.7, 0.8])
+        torch.cuda.synchronize()
+        if i < n:
+            t0 = time.perf_counter()
+            pipe.unload_lora_weights()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            unloads.append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
+        else:
+            print("unload x1", python_profile(pipe.unload_lora_weights, "cumtime", 30, n=1))
+    for what, rows in (("first hotswap", swaps), ("unload 4", unloads)):
+        print(f"{what:16s} host {statistics.median(r[0] for r in rows):7.1f} ms   total "
+              f"{statistics.median(r[1] for r in rows):7.1f} ms   (all: {[round(r[1], 1) for r in rows]})")
+    for name in "abcd":
+        pipe.load_lora_weights(str(news[0]), adapter_name=name)
+    pipe.set_adapters(list("abcd"), [0.5, 0.6, 0.7, 0.8])
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        pipe.unload_lora_weights()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

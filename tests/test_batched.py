@@ -95,3 +95,73 @@ def test_batch_keys_follow_the_layers(batched_on_cpu, monkeypatch):
     for layer in layers[::2]:
         layer.base = layer.weight.detach().to("meta")  # a backup elsewhere (backup_device=): per-layer writes
     check("backups on another device")
+
+
+SEGMENT_PROBE = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import lorakit
+from lorakit import batched, kernels
+from helpers import family, lora_state_dict
+
+batched.DEVICES = ("cpu",)
+kernels.ready = lambda device, dtype: True  # interpreted: no compile to wait for
+launches = []
+real = kernels.merge_group
+def counted(tables, mults):
+    launches.append(int(mults[:, -1].sum()))
+    real(tables, mults)
+kernels.merge_group = counted
+dtype = torch.float16
+fam = family("sd15")
+pipes = [fam.build(dtype), fam.build(dtype)]
+files = [{k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, seed, rank=16 * (1 + seed % 2), convs=True).items()}
+         for seed in (1, 2, 3)]
+new = {k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, 9, rank=16, convs=True).items()}
+
+def check(what):
+    for name, p in pipes[0].unet.named_parameters():
+        q = pipes[1].unet.get_parameter(name)
+        diff = (p.float() - q.float()).abs().max().item()
+        assert diff <= q.float().abs().max().item() * 2 ** -9, (what, name, diff)
+
+def on(i, fn):
+    batched.KERNEL_DEVICES = ("cpu",) if i == 0 else ()  # pipe 1 takes the chunk route: the reference
+    fn(pipes[i])
+
+for i, pipe in enumerate(pipes):
+    lorakit.attach(pipe, mode="merge")
+    pipe.enable_lora_hotswap(target_rank=32)
+steps = [lambda p: [p.load_lora_weights(dict(sd), adapter_name=f"a{seed}") for seed, sd in zip((1, 2, 3), files)],
+         lambda p: p.set_adapters(["a1", "a2"], [0.7, -0.4]),
+         lambda p: p.set_adapters(["a1", "a2", "a3"], [0.7, {"unet": {"down": 0.3}, "text_encoder": -1.0}, 1.3]),
+         lambda p: p.load_lora_weights(dict(new), adapter_name="a1", hotswap=True),
+         lambda p: p.fuse_lora(adapter_names=["a3"], lora_scale=0.9)]
+for k, step in enumerate(steps):
+    on(0, step)
+    on(1, step)
+    check(k)
+assert len(launches) >= len(steps) and all(launches), launches
+for pipe in pipes:
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+base = fam.build(dtype).unet
+for pipe in pipes:
+    for name, p in pipe.unet.named_parameters():
+        assert torch.equal(p, base.get_parameter(name)), name
+print("ok", launches)
+'''
+
+
+def test_group_kernel_in_switch_plans_interpreted():
+    """The switch plans' group-kernel route (CUDA's, run here by Triton's interpreter) writes the weights the chunk
+    route writes, through set_adapters with block scales, a hotswap and a fuse; unload restores bit-exactly."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SEGMENT_PROBE, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]

@@ -18,7 +18,7 @@ KERNELS = Path(__file__).resolve().parents[1] / "src" / "lorakit" / "kernels.py"
 PROBE = r'''
 import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("kernels_interpreted", sys.argv[1])
-k = importlib.util.module_from_spec(spec); spec.loader.exec_module(k)
+k = importlib.util.module_from_spec(spec); sys.modules[spec.name] = k; spec.loader.exec_module(k)
 torch.manual_seed(0)
 for n, shape, rank in ((3, (40, 70), 24), (2, (130, 16, 3, 3), 40), (1, (64, 128), 32)):
     m, cols = shape[0], torch.Size(shape[1:]).numel()
@@ -48,6 +48,7 @@ def test_merge_kernel_matches_addmm_interpreted():
 def _fresh_kernels():
     spec = importlib.util.spec_from_file_location("kernels_fresh", KERNELS)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -89,3 +90,97 @@ def test_compiled_kernel_matches_addmm(dtype):
     flat = torch.zeros(16 * 16 + 1, dtype=dtype, device=dev)
     shifted = flat[1:].view(16, 16)  # 2-byte aligned only: the cuBLAS route's
     assert not k.try_merge([shifted], [shifted], probe, probe)
+
+
+GROUP_PROBE = r'''
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("kernels_interpreted", sys.argv[1])
+k = importlib.util.module_from_spec(spec); sys.modules[spec.name] = k; spec.loader.exec_module(k)
+torch.manual_seed(0)
+# (weight shape, ranks of its adapters): ragged sizes, conv-shaped weights, 1-3 adapters of different ranks
+specs = [((40, 80), (16,)), ((130, 16, 3, 3), (32, 16)), ((64, 128), (48, 16, 32)), ((16, 32), (16,))]
+arena = torch.zeros(1 << 20, dtype=torch.float16)  # one allocation: addresses 16 elements apart, as checked
+used = [0]
+def take(*shape, fill=None):
+    n = torch.Size(shape).numel()
+    t = arena[used[0]:used[0] + n].view(shape)
+    used[0] += -(-n // 16) * 16
+    t.copy_(torch.randn(shape) if fill is None else torch.full(shape, fill))
+    return t
+layers, tensors, wants, mults = [], [], [], torch.zeros(len(specs), 4)
+for i, (shape, ranks) in enumerate(specs):
+    m, n = shape[0], torch.Size(shape[1:]).numel()
+    weight, base = take(*shape, fill=float("nan")), take(*shape)
+    factors = [(take(m, r) * 0.1, take(r, n)) for r in ranks]
+    layers.append((m, n, weight.data_ptr(), base.data_ptr(), [(u.data_ptr(), d.data_ptr(), r) for (u, d), r in zip(factors, ranks)]))
+    tensors.append((weight, base, factors))
+    want = base.reshape(m, n).float()
+    for j, (up, down) in enumerate(factors):
+        mults[i, j] = 0.5 + 0.25 * j - 0.1 * i
+        want = want + (up.float() * mults[i, j]).half().float() @ down.float()
+    wants.append(want)
+mults[:, -1] = 1
+mults[3, -1] = 0  # not flagged: left as it is
+tables, bad = k.group_tables(layers, arena)
+assert tables is not None and tables.width == 3 and bad == []
+k.merge_group(tables, mults)
+for i, ((weight, _, _), want) in enumerate(zip(tensors, wants)):
+    got = weight.reshape(weight.shape[0], -1).float()
+    if i == 3:
+        assert torch.isnan(got).all(), "an unflagged layer was written"
+        continue
+    diff = (got - want).abs().max().item()
+    ulp = want.abs().max().item() * 2 ** -10
+    assert diff <= ulp, (i, diff, ulp)
+    assert (got.half() == want.half()).float().mean().item() > 0.99, i
+misaligned = [layers[1], (*layers[0][:4], [(arena[1:].data_ptr(), *layers[0][4][0][1:])])]
+assert k.group_tables(misaligned, arena) == (None, [1])
+odd_rank = [(*layers[0][:4], [(*layers[0][4][0][:2], 8)])]
+assert k.group_tables(odd_rank, arena) == (None, [])
+print("ok")
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled kernel is tested instead")
+def test_group_kernel_matches_addmm_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", GROUP_PROBE, str(KERNELS)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_group_kernel_matches_addmm(dtype):
+    k = _fresh_kernels()
+    dev = torch.device("cuda", 0)
+    for _ in range(600):  # the first ask starts the compile in the background
+        if k.ready(dev, dtype):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"kernel not compiled: {k._READY}")
+    torch.manual_seed(0)
+    specs = [((48, 80), (32,)), ((320, 64, 3, 3), (64, 16)), ((1280, 5120), (128, 32, 16)), ((3072, 3072), (32,))]
+    layers, tensors = [], []
+    mults = torch.zeros(len(specs), 4, device=dev)
+    for i, (shape, ranks) in enumerate(specs):
+        m, n = shape[0], torch.Size(shape[1:]).numel()
+        base = torch.randn(shape, device=dev).to(dtype)
+        weight = torch.empty_like(base)
+        factors = [((torch.randn(m, r, device=dev) * 0.1).to(dtype), torch.randn(r, n, device=dev).to(dtype))
+                   for r in ranks]
+        mults[i, :len(ranks)] = torch.tensor([0.7, -0.3, 1.1][:len(ranks)])
+        layers.append((m, n, weight.data_ptr(), base.data_ptr(),
+                       [(u.data_ptr(), d.data_ptr(), r) for (u, d), r in zip(factors, ranks)]))
+        tensors.append((weight, base, factors))
+    mults[:, -1] = 1
+    k.merge_group(k.group_tables(layers, tensors[0][0])[0], mults)
+    for i, (weight, base, factors) in enumerate(tensors):
+        m = weight.shape[0]
+        want = base.reshape(m, -1).float()
+        for j, (up, down) in enumerate(factors):
+            want = want + (up.float() * mults[i, j]).to(dtype).float() @ down.float()
+        got = weight.reshape(m, -1).float()
+        assert (got - want).abs().max().item() <= want.abs().max().item() * 2 ** -7, i
+        assert (got == want.to(dtype).float()).float().mean().item() > 0.98, i

@@ -33,6 +33,7 @@ from .layers import Contribution, LayerState, _signature
 
 CHUNK_BYTES = 512 * 1024 * 1024  # compute-dtype temporaries per chunk of small layers: stacked bases
 DEVICES = ("cuda",)  # where batching pays off (kernel launches dominate); tests add "cpu" to exercise it
+KERNEL_DEVICES = ("cuda",)  # where switch plans lay out segments for the group kernel (tests: "cpu", interpreted)
 # From this many elements up, a layer's own addmm beats the batched product (bandwidth, not launches, dominates):
 # 2 passes of an 18M-element bf16 weight take ~17 us on an H200, against ~50 us of host time per addmm.
 LARGE_ELEMENTS = 16 * 1024 * 1024
@@ -185,6 +186,101 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
             mults = torch.tensor([[m for _, m in contributions] for _, contributions, _ in part], dtype=torch.float64)
             chunks.append((_Chunk(part, key[-1]), mults))
     merge_chunks(chunks)
+
+
+def factor_addresses(delta: WeightDelta) -> tuple[int, int, int, torch.dtype, torch.device] | None:
+    """``(up address, down address, rank, dtype, device)`` of a delta whose factors the group kernel can read where
+    they are (contiguous views of its fields: see ``WeightDelta.stable_factors``), else None; kept on the delta
+    (its fields keep their addresses: a hotswap copies into them, a move drops this)."""
+    known = delta.__dict__.get("_addresses", False)
+    if known is False:
+        known = None
+        factors = delta.stable_factors() if delta.additive else None
+        if factors is not None:
+            up, down = factors
+            if up.is_contiguous() and down.is_contiguous() and up.dtype == down.dtype and up.device == down.device:
+                known = (up.data_ptr(), down.data_ptr(), down.shape[0], up.dtype, up.device)
+        delta.__dict__["_addresses"] = known
+    return known
+
+
+@dataclass
+class Segment:
+    """The layers of a switch plan's chunks that ONE launch of the group kernel re-merges (kernels.merge_group), on
+    one device and dtype: a switch costs one transfer of multipliers and one launch, whatever the layer shapes.
+    ``starts``: each chunk's first row (chunks not covered: absent)."""
+
+    layers: list[LayerState]
+    tables: kernels.GroupTables
+    starts: dict[int, int]  # id(chunk) -> its first row
+    addresses: list[int]  # the weights' addresses the tables point at
+
+    def current(self) -> bool:
+        """Whether the kernel can run now: compiled, and every weight still where the tables point (a parameter
+        replaced or moved and back leaves a plan's key as it was)."""
+        t = self.tables
+        return kernels.ready(t.anchor.device, t.anchor.dtype) and [
+            layer.weight.data_ptr() for layer in self.layers] == self.addresses
+
+    def merge(self, due: list[tuple[_Chunk, torch.Tensor]], mark: tuple) -> None:
+        """Re-merge the layers of ``due``'s chunks (``(chunk, multipliers [n, K] on the host)``), in one launch."""
+        host = torch.zeros(len(self.layers), self.tables.width + 1, dtype=torch.float32)
+        for chunk, mults in due:
+            start = self.starts[id(chunk)]
+            host[start:start + len(mults), :mults.shape[1]] = mults
+            host[start:start + len(mults), -1] = 1
+            for layer, _, _ in chunk.members:
+                layer.applied = mark
+        kernels.merge_group(self.tables, host.to(self.tables.anchor.device, non_blocking=True))
+
+
+def segment(chunks: list[_Chunk]) -> Segment | None:
+    """A :class:`Segment` over those of the chunks (one device and dtype) whose every layer the group kernel can
+    take: a backup beside the weight; low-rank factors in the weight's dtype on its device; rows and ranks
+    multiples of 16; every address 16 elements apart from the first weight's (see kernels.group_tables). None when
+    no chunk qualifies. A plan lays this out for ~1000 layers: Python per layer is kept to a few lookups."""
+    first = chunks[0].members[0][0].weight
+    dtype, device = first.dtype, first.device
+    if kernels.triton is None or not kernels.ENABLED or device.type not in KERNEL_DEVICES or dtype not in kernels.DTYPES:
+        return None
+    rows: list[kernels.Addresses] = []
+    spans: list[tuple[_Chunk, int, int]] = []
+    for chunk in chunks:  # (a chunk's layers share shape, dtype, device and ranks: see batch_key)
+        members = chunk.members
+        shape = members[0][0].weight.shape
+        if shape.numel() // shape[0] % 16:
+            continue
+        m, n = shape[0], shape.numel() // shape[0]
+        entries = []
+        for layer, contributions, _ in members:
+            factors = []
+            for d, _ in contributions:
+                known = d.__dict__.get("_addresses", False)
+                if known is False:
+                    known = factor_addresses(d)
+                if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
+                    break
+                factors.append(known)
+            else:
+                entries.append((m, n, layer.weight.data_ptr(), layer.base.data_ptr(), factors))
+                continue
+            break
+        else:
+            spans.append((chunk, len(rows), len(rows) + len(entries)))
+            rows += entries
+    tables, bad = kernels.group_tables(rows, first) if rows else (None, [])
+    if bad:  # drop the chunks with a misaligned address (rare: a tensor at an odd offset of its buffer)
+        bad_rows, kept, rows_kept = set(bad), [], []
+        for chunk, start, end in spans:
+            if bad_rows.isdisjoint(range(start, end)):
+                kept.append((chunk, len(rows_kept), len(rows_kept) + end - start))
+                rows_kept += rows[start:end]
+        spans, rows = kept, rows_kept
+        tables, _ = kernels.group_tables(rows, first) if rows else (None, [])
+    if tables is None:
+        return None
+    layers = [layer for chunk, _, _ in spans for layer, _, _ in chunk.members]
+    return Segment(layers, tables, {id(chunk): start for chunk, start, _ in spans}, [row[2] for row in rows])
 
 
 def merge_chunks(items: list[tuple[_Chunk, torch.Tensor]], mark: tuple = PLAN_WRITTEN) -> None:

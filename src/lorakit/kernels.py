@@ -21,6 +21,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +35,9 @@ BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 32, 4
 ENABLED = os.environ.get("LORAKIT_TRITON", "1") != "0"  # LORAKIT_TRITON=0: merges stay on cuBLAS
 DTYPES = (torch.float16, torch.bfloat16)
 # Per device and dtype: "ready", "compiling" or "failed" (a Triton that cannot build for this GPU); under _LOCK.
-_READY: dict[tuple[torch.device, torch.dtype], str] = {}
+_READY: dict[tuple[torch.device, torch.dtype, str], str] = {}
 _LOCK = threading.Lock()
+ERRORS: dict[tuple[torch.device, torch.dtype, str], str] = {}  # why a kernel failed to compile, for a bug report
 _TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 TABLE_CACHE_SIZE = 1024
 
@@ -64,6 +66,53 @@ if triton is not None:
             acc += tl.dot(a, b)
         acc += held.to(tl.float32)
         tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
+
+
+    @triton.jit
+    def _group_kernel(anchor, table, mults, LAYERS, WIDTH, MULTS_WIDTH,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr):
+        # One program per tile of any layer of the group. The layers differ in shape and adapters: each has a row of
+        # ``table`` (see group_tables) whose first column is its first tile; a binary search over that column
+        # finds this program's layer (SEARCH steps: 2**SEARCH > LAYERS).
+        tile = tl.program_id(0)
+        member = tile * 0  # (a tensor, not a constant: it is reassigned in the loop)
+        for step in tl.static_range(SEARCH):  # (a name of its own: Triton types loop-carried names)
+            probe = member + (1 << (SEARCH - 1 - step))
+            start = tl.load(table + probe.to(tl.int64) * WIDTH, mask=probe < LAYERS, other=tile + 1)
+            member = tl.where(start <= tile, probe, member)
+        member = member.to(tl.int64)
+        weights = mults + member * MULTS_WIDTH
+        if tl.load(weights + MULTS_WIDTH - 1) != 0:  # the last column flags the layers this switch rewrites
+            row = table + member * WIDTH
+            local = tile - tl.load(row)
+            M = tl.load(row + 1)
+            N = tl.multiple_of(tl.load(row + 2), 16)
+            out = anchor + tl.multiple_of(tl.load(row + 3), 16)
+            base = anchor + tl.multiple_of(tl.load(row + 4), 16)
+            adapters = tl.load(row + 5)
+            tiles_n = tl.cdiv(N, BLOCK_N)
+            rows = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            inside = (rows[:, None] < M) & (cols[None, :] < N)
+            at = rows[:, None].to(tl.int64) * N + cols[None, :]
+            held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(adapters):
+                up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
+                down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
+                rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
+                scale = tl.load(weights + j)
+                for k in range(0, rank, BLOCK_K):
+                    kk = k + tl.arange(0, BLOCK_K)
+                    a = tl.load(up + rows[:, None] * rank + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < rank),
+                                other=0.0)
+                    # the multiplier in fp32, rounded once to the weight's dtype: as the per-layer path scales up
+                    a = (a.to(tl.float32) * scale).to(anchor.dtype.element_ty)
+                    b = tl.load(down + kk[:, None] * N + cols[None, :], mask=(kk[:, None] < rank) & (cols[None, :] < N),
+                                other=0.0)
+                    acc += tl.dot(a, b)
+            acc += held.to(tl.float32)
+            tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
 
 
 def _offsets(tensors: Sequence[torch.Tensor], anchor: int, itemsize: int) -> tuple[int, ...] | None:
@@ -133,9 +182,84 @@ def merge(outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], up: torch
     _launch(anchor, *(_on_device(o, up.device) for o in offsets), up, down)
 
 
-def _ready(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel is compiled for this device and dtype (the first ask starts its compile, in a thread)."""
-    key = (device, dtype)
+@dataclass
+class GroupTables:
+    """What :func:`merge_group` needs besides the multipliers, for one group of layers (built once per switch plan):
+    per layer ``[first tile, M, N, weight, backup, adapters, (up, down, rank) per adapter]``, addresses as element
+    offsets from ``anchor``."""
+
+    anchor: torch.Tensor
+    table: torch.Tensor  # int64 [layers, 6 + 3 * width], on the device
+    tiles: int
+    width: int  # adapters per layer, at most
+
+
+# (M, N, weight address, backup address, [(up address, down address, rank, ...), ...]): extra items are ignored
+Addresses = tuple[int, int, int, int, Sequence[tuple]]
+SEARCH_BITS = 16  # layers per group: fewer than 2**16
+
+
+def _table(layers: Sequence[Addresses], origin: int) -> tuple[torch.Tensor, int, int]:
+    """(int64 table of the layers' rows with absolute addresses, tiles in all, width)."""
+    width = max(len(factors) for *_, factors in layers)
+    rows, first = [], 0
+    pad = [origin, origin, 16] * width  # (padding: aligned, never read)
+    for m, n, weight, backup, factors in layers:
+        row = [first, m, n, weight, backup, len(factors)]
+        for up, down, rank, *_ in factors:
+            row += (up, down, rank)
+        rows.append(row + pad[:3 * (width - len(factors))])
+        first += -(-m // BLOCK_M) * -(-n // BLOCK_N)
+    return torch.tensor(rows, dtype=torch.int64), first, width
+
+
+def _address_columns(width: int) -> torch.Tensor:
+    return torch.tensor([3, 4, *(c for j in range(width) for c in (6 + 3 * j, 7 + 3 * j))])
+
+
+def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[GroupTables | None, list[int]]:
+    """``(tables, [])`` for ``(M, N, weight address, backup address, [(up address, down address, rank), ...])`` of
+    each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on its device: the
+    caller checks); ``(None, misaligned layers)`` where an address is not a multiple of 16 elements away from
+    ``anchor``'s; ``(None, [])`` where the kernel cannot take the group otherwise (``N`` and every rank must be
+    multiples of 16). The alignment lets the kernel vectorise (see :func:`_group_kernel`). The caller checks
+    :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
+    if triton is None or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
+            or anchor.data_ptr() % 16:
+        return None, []
+    origin = anchor.data_ptr()
+    table, first, width = _table(layers, origin)
+    where = _address_columns(width)
+    offsets = table[:, where] - origin
+    bad = (offsets % (16 * anchor.itemsize)).any(1)
+    if bool(bad.any()):
+        return None, bad.nonzero().flatten().tolist()
+    if bool((torch.cat([table[:, 2:3], table[:, 8::3]], 1) % 16).any()):
+        return None, []
+    table[:, where] = offsets // anchor.itemsize
+    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), first, width), []
+
+
+def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
+    """For every layer ``i`` of the group whose flag ``mults[i, -1]`` is not 0: ``weight = backup + sum_j
+    round(mults[i, j] * up_j) @ down_j`` with fp32 accumulation, rounded once. ``mults``: float32
+    ``[layers, width + 1]`` on the device."""
+    on_gpu = tables.anchor.device.type == "cuda"
+    with torch.cuda.device(tables.anchor.device) if on_gpu else contextlib.nullcontext():
+        _group_kernel[(tables.tiles,)](
+            tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, num_warps=NUM_WARPS)
+
+
+def ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether both kernels are compiled for this device and dtype (the first ask starts their compile in a
+    background thread)."""
+    return ENABLED and triton is not None and device.type == "cuda" and _ready(device, dtype, "group")
+
+
+def _ready(device: torch.device, dtype: torch.dtype, kind: str = "chunk") -> bool:
+    """Whether a kernel is compiled for this device and dtype (the first ask starts its compile, in a thread)."""
+    key = (device, dtype, kind)
     with _LOCK:
         state = _READY.get(key)
         if state is None:
@@ -144,16 +268,22 @@ def _ready(device: torch.device, dtype: torch.dtype) -> bool:
     return state == "ready"
 
 
-def _compile(device: torch.device, dtype: torch.dtype) -> None:
-    """Compile (or load from Triton's cache) by running the kernel once on a tiny chunk on a side stream."""
+def _compile(device: torch.device, dtype: torch.dtype, kind: str) -> None:
+    """Compile (or load from Triton's cache) by running the kernel once on tiny layers on a side stream."""
     try:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-            w = torch.zeros(2, 16, 16, dtype=dtype, device=device)  # sizes divisible by 16, as try_merge asks
+            w = torch.zeros(2, 16, 16, dtype=dtype, device=device)  # sizes divisible by 16, as the kernels ask
             up = torch.zeros(2, 16, 16, dtype=dtype, device=device)
-            merge(list(w), list(w), up, up)
+            if kind == "group":
+                tables, _ = group_tables([(16, 16, w[0].data_ptr(), w[1].data_ptr(),
+                                           [(up[0].data_ptr(), up[1].data_ptr(), 16)])], w)
+                merge_group(tables, torch.zeros(1, 2, device=device))
+            else:
+                merge(list(w), list(w), up, up)
             torch.cuda.current_stream().synchronize()
         state = "ready"
-    except Exception:  # stay on cuBLAS for good
+    except Exception as exc:  # stay on cuBLAS for good
         state = "failed"
+        ERRORS[(device, dtype, kind)] = f"{type(exc).__name__}: {exc}"
     with _LOCK:
-        _READY[(device, dtype)] = state
+        _READY[(device, dtype, kind)] = state

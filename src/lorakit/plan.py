@@ -6,7 +6,8 @@ activated, fused, deleted; mode or enabled flipped) and records, per layer, its 
 multiplier (fused) or a column of the live adapters' factor table. A multiplier-only switch is then::
 
     factors F [layers, live adapters + 1]      (uniform weights: a broadcast; block weights: one value per layer)
-    merge:  per chunk of same-shaped layers    m = static * F[rows, cols]  ->  one transfer, batched.merge_chunk
+    merge:  per chunk of same-shaped layers    m = static * F[rows, cols]  ->  one transfer, and on CUDA one launch
+            of the group kernel for every chunk that changed (batched.Segment), else batched.merge_chunk per chunk
     branch: per device/dtype, one buffer that every layer's per-rank scale vector is a view of
             buffer = static_per_rank * F[rank_rows, rank_cols]
 
@@ -81,6 +82,7 @@ class SwitchPlan:
     # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
     branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
     empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
+    segments: list[batched.Segment] = field(default_factory=list)  # chunks one launch of the group kernel merges
     fresh: bool = True
     # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (written())
     mark: tuple = field(default_factory=lambda: (PLAN_MARK, next(_MARKS)))
@@ -158,6 +160,12 @@ class SwitchPlan:
                 continue
             mc.last = mults
             due.append((mc.chunk, mults))
+        for seg in self.segments:
+            if due and seg.current():
+                mine = [item for item in due if id(item[0]) in seg.starts]
+                if mine:
+                    seg.merge(mine, self.mark)
+                    due = [item for item in due if id(item[0]) not in seg.starts]
         batched.merge_chunks(due, self.mark)
 
 
@@ -236,6 +244,10 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
                 cols=torch.tensor([[s.col for s in slots] for _, _, slots, _, _ in part]),
                 static=torch.tensor([[s.static for s in slots] for _, _, slots, _, _ in part], dtype=torch.float64),
                 clean=all(clean for *_, clean in part)))
+    by_place: dict[tuple, list[batched._Chunk]] = defaultdict(list)
+    for mc in plan.chunks:
+        by_place[mc.chunk.members[0][0].weight.device, mc.chunk.members[0][0].weight.dtype].append(mc.chunk)
+    plan.segments = [seg for chunks in by_place.values() if (seg := batched.segment(chunks)) is not None]
     _layout_branches(plan, branch_layers, values)
     return plan
 
