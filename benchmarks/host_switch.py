@@ -52,11 +52,12 @@ def main() -> None:
     parser.add_argument("--hotswap-rank", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4, help="of the four adapters; 16, 32...: the group kernel's")
     parser.add_argument("--segments", action="store_true",
-                        help="lay out the group kernel's segments as plans do on CUDA (fp16/bf16, ranks of 16k)")
+                        help="the group kernel's route, as plans take it on CUDA (fp16/bf16, ranks of 16k)")
     args = parser.parse_args()
     if args.segments:
-        batched.KERNEL_DEVICES = ("cpu",)  # built as on CUDA; never run (merges are stubbed)
-        kernels.ready = lambda device, dtype: False
+        batched.KERNEL_DEVICES = ("cpu",)  # laid out and launched as on CUDA, the launch stubbed out
+        kernels.ready = lambda device, dtype: True
+        kernels.merge_group = lambda tables, mults: None
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     batched.DEVICES = ("cpu",)  # the batched route, as on a GPU...

@@ -129,13 +129,13 @@ def main() -> None:
         h, t = timed(fn)
         print(f"{name:16s} host {h:7.1f} ms   total {t:7.1f} ms")
 
+    if "--new-plan" in sys.argv:
+        print("new plan, 2 x3", python_profile(ops["new plan, 2"], "tottime", 30))
     if "--first" in sys.argv:
         first_swap_and_unload(pipe, comps, path.parent)
         return
     for what in ("hotswap file", "hotswap dict"):
         print(what, "x3", python_profile(ops[what], "cumtime", 25))
-    if "--new-plan" in sys.argv:
-        print("new plan, 2 x3", python_profile(ops["new plan, 2"], "tottime", 30))
     if "--hotswap-only" in sys.argv:
         return
     pipe.set_adapters(["a", "b"], [0.5, 0.8])

@@ -136,6 +136,8 @@ steps = [lambda p: [p.load_lora_weights(dict(sd), adapter_name=f"a{seed}") for s
          lambda p: p.set_adapters(["a1", "a2"], [0.7, -0.4]),
          lambda p: p.set_adapters(["a1", "a2", "a3"], [0.7, {"unet": {"down": 0.3}, "text_encoder": -1.0}, 1.3]),
          lambda p: p.load_lora_weights(dict(new), adapter_name="a1", hotswap=True),
+         lambda p: p.set_adapters(["a1", "a2"], [0.7, -0.4]),  # back to a kept plan (reactivated)
+         lambda p: p.set_adapters(["a1", "a2", "a3"], [0.5, 0.6, 0.7]),
          lambda p: p.fuse_lora(adapter_names=["a3"], lora_scale=0.9)]
 for k, step in enumerate(steps):
     on(0, step)

@@ -112,7 +112,8 @@ for i, (shape, ranks) in enumerate(specs):
     m, n = shape[0], torch.Size(shape[1:]).numel()
     weight, base = take(*shape, fill=float("nan")), take(*shape)
     factors = [(take(m, r) * 0.1, take(r, n)) for r in ranks]
-    layers.append((m, n, weight.data_ptr(), base.data_ptr(), [(u.data_ptr(), d.data_ptr(), r) for (u, d), r in zip(factors, ranks)]))
+    layers.append([m, n, weight.data_ptr(), base.data_ptr(), len(ranks)]
+                  + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
     tensors.append((weight, base, factors))
     want = base.reshape(m, n).float()
     for j, (up, down) in enumerate(factors):
@@ -133,9 +134,9 @@ for i, ((weight, _, _), want) in enumerate(zip(tensors, wants)):
     ulp = want.abs().max().item() * 2 ** -10
     assert diff <= ulp, (i, diff, ulp)
     assert (got.half() == want.half()).float().mean().item() > 0.99, i
-misaligned = [layers[1], (*layers[0][:4], [(arena[1:].data_ptr(), *layers[0][4][0][1:])])]
+misaligned = [layers[1], layers[0][:5] + [arena[1:].data_ptr()] + layers[0][6:]]
 assert k.group_tables(misaligned, arena) == (None, [1])
-odd_rank = [(*layers[0][:4], [(*layers[0][4][0][:2], 8)])]
+odd_rank = [layers[0][:7] + [8]]
 assert k.group_tables(odd_rank, arena) == (None, [])
 print("ok")
 '''
@@ -171,8 +172,8 @@ def test_compiled_group_kernel_matches_addmm(dtype):
         factors = [((torch.randn(m, r, device=dev) * 0.1).to(dtype), torch.randn(r, n, device=dev).to(dtype))
                    for r in ranks]
         mults[i, :len(ranks)] = torch.tensor([0.7, -0.3, 1.1][:len(ranks)])
-        layers.append((m, n, weight.data_ptr(), base.data_ptr(),
-                       [(u.data_ptr(), d.data_ptr(), r) for (u, d), r in zip(factors, ranks)]))
+        layers.append([m, n, weight.data_ptr(), base.data_ptr(), len(ranks)]
+                      + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
         tensors.append((weight, base, factors))
     mults[:, -1] = 1
     k.merge_group(k.group_tables(layers, tensors[0][0])[0], mults)

@@ -188,10 +188,10 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
     merge_chunks(chunks)
 
 
-def factor_addresses(delta: WeightDelta) -> tuple[int, int, int, torch.dtype, torch.device] | None:
-    """``(up address, down address, rank, dtype, device)`` of a delta whose factors the group kernel can read where
-    they are (contiguous views of its fields: see ``WeightDelta.stable_factors``), else None; kept on the delta
-    (its fields keep their addresses: a hotswap copies into them, a move drops this)."""
+def factor_addresses(delta: WeightDelta) -> tuple[int, int, int, torch.dtype, torch.device, float] | None:
+    """``(up address, down address, rank, dtype, device, scale)`` of a delta whose factors the group kernel can
+    read where they are (contiguous views of its fields: see ``WeightDelta.stable_factors``), else None; kept on the
+    delta (its fields keep their addresses, a hotswap copies into them and keeps alpha; a move drops this)."""
     known = delta.__dict__.get("_addresses", False)
     if known is False:
         known = None
@@ -199,88 +199,60 @@ def factor_addresses(delta: WeightDelta) -> tuple[int, int, int, torch.dtype, to
         if factors is not None:
             up, down = factors
             if up.is_contiguous() and down.is_contiguous() and up.dtype == down.dtype and up.device == down.device:
-                known = (up.data_ptr(), down.data_ptr(), down.shape[0], up.dtype, up.device)
+                known = (up.data_ptr(), down.data_ptr(), down.shape[0], up.dtype, up.device, delta.scale)
         delta.__dict__["_addresses"] = known
     return known
 
 
 @dataclass
 class Segment:
-    """The layers of a switch plan's chunks that ONE launch of the group kernel re-merges (kernels.merge_group), on
-    one device and dtype: a switch costs one transfer of multipliers and one launch, whatever the layer shapes.
-    ``starts``: each chunk's first row (chunks not covered: absent)."""
+    """Layers of one device and dtype that ONE launch of the group kernel re-merges (kernels.merge_group), whatever
+    their shapes and adapters: a switch plan's merge, with one transfer of multipliers (see plan._KernelPart)."""
 
     layers: list[LayerState]
     tables: kernels.GroupTables
-    starts: dict[int, int]  # id(chunk) -> its first row
     addresses: list[int]  # the weights' addresses the tables point at
 
     def current(self) -> bool:
         """Whether the kernel can run now: compiled, and every weight still where the tables point (a parameter
-        replaced or moved and back leaves a plan's key as it was)."""
+        replaced, or moved and back, leaves a plan's key as it was)."""
         t = self.tables
         return kernels.ready(t.anchor.device, t.anchor.dtype) and [
             layer.weight.data_ptr() for layer in self.layers] == self.addresses
 
-    def merge(self, due: list[tuple[_Chunk, torch.Tensor]], mark: tuple) -> None:
-        """Re-merge the layers of ``due``'s chunks (``(chunk, multipliers [n, K] on the host)``), in one launch."""
-        host = torch.zeros(len(self.layers), self.tables.width + 1, dtype=torch.float32)
-        for chunk, mults in due:
-            start = self.starts[id(chunk)]
-            host[start:start + len(mults), :mults.shape[1]] = mults
-            host[start:start + len(mults), -1] = 1
-            for layer, _, _ in chunk.members:
-                layer.applied = mark
-        kernels.merge_group(self.tables, host.to(self.tables.anchor.device, non_blocking=True))
+    def merge(self, mults: torch.Tensor) -> None:
+        """Re-merge the layers flagged in ``mults`` (host float32 ``[layers, width + 1]``: each layer's adapter
+        multipliers, then its flag) in one launch."""
+        kernels.merge_group(self.tables, mults.to(self.tables.anchor.device, non_blocking=True))
 
 
-def segment(chunks: list[_Chunk]) -> Segment | None:
-    """A :class:`Segment` over those of the chunks (one device and dtype) whose every layer the group kernel can
-    take: a backup beside the weight; low-rank factors in the weight's dtype on its device; rows and ranks
-    multiples of 16; every address 16 elements apart from the first weight's (see kernels.group_tables). None when
-    no chunk qualifies. A plan lays this out for ~1000 layers: Python per layer is kept to a few lookups."""
-    first = chunks[0].members[0][0].weight
-    dtype, device = first.dtype, first.device
-    if kernels.triton is None or not kernels.ENABLED or device.type not in KERNEL_DEVICES or dtype not in kernels.DTYPES:
-        return None
-    rows: list[kernels.Addresses] = []
-    spans: list[tuple[_Chunk, int, int]] = []
-    for chunk in chunks:  # (a chunk's layers share shape, dtype, device and ranks: see batch_key)
-        members = chunk.members
-        shape = members[0][0].weight.shape
-        if shape.numel() // shape[0] % 16:
-            continue
-        m, n = shape[0], shape.numel() // shape[0]
-        entries = []
-        for layer, contributions, _ in members:
-            factors = []
-            for d, _ in contributions:
-                known = d.__dict__.get("_addresses", False)
-                if known is False:
-                    known = factor_addresses(d)
-                if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
-                    break
-                factors.append(known)
-            else:
-                entries.append((m, n, layer.weight.data_ptr(), layer.base.data_ptr(), factors))
-                continue
-            break
-        else:
-            spans.append((chunk, len(rows), len(rows) + len(entries)))
-            rows += entries
-    tables, bad = kernels.group_tables(rows, first) if rows else (None, [])
-    if bad:  # drop the chunks with a misaligned address (rare: a tensor at an odd offset of its buffer)
-        bad_rows, kept, rows_kept = set(bad), [], []
-        for chunk, start, end in spans:
-            if bad_rows.isdisjoint(range(start, end)):
-                kept.append((chunk, len(rows_kept), len(rows_kept) + end - start))
-                rows_kept += rows[start:end]
-        spans, rows = kept, rows_kept
-        tables, _ = kernels.group_tables(rows, first) if rows else (None, [])
+def kernel_factors(dtype: torch.dtype, device: torch.device, deltas: Iterable[WeightDelta]) -> list[tuple] | None:
+    """The deltas' :func:`factor_addresses` where the group kernel can merge them into a weight of this dtype on
+    this device (ranks of 16k, factors in the weight's dtype beside it), else None. Plans ask this for ~1000
+    layers: a few lookups each."""
+    out = []
+    for d in deltas:
+        known = d.__dict__.get("_addresses", False)
+        if known is False:
+            known = factor_addresses(d)
+        if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
+            return None
+        out.append(known)
+    return out
+
+
+def kernel_devices(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether plans lay out group-kernel segments for weights on this device in this dtype."""
+    return kernels.triton is not None and kernels.ENABLED and device.type in KERNEL_DEVICES and dtype in kernels.DTYPES
+
+
+def segment(layers: list[LayerState], rows: list[kernels.Addresses]) -> tuple[Segment | None, list[int]]:
+    """``(segment, [])`` over these layers (``rows``: their addresses, see kernels.group_tables), or ``(None,
+    misaligned layers)``, or ``(None, [])`` where the kernel cannot take them."""
+    tables, bad = kernels.group_tables(rows, layers[0].weight)
     if tables is None:
-        return None
-    layers = [layer for chunk, _, _ in spans for layer, _, _ in chunk.members]
-    return Segment(layers, tables, {id(chunk): start for chunk, start, _ in spans}, [row[2] for row in rows])
+        return None, bad
+    return Segment(layers, tables, [row[2] for row in rows]), []
 
 
 def merge_chunks(items: list[tuple[_Chunk, torch.Tensor]], mark: tuple = PLAN_WRITTEN) -> None:

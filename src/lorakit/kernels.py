@@ -194,23 +194,21 @@ class GroupTables:
     width: int  # adapters per layer, at most
 
 
-# (M, N, weight address, backup address, [(up address, down address, rank, ...), ...]): extra items are ignored
-Addresses = tuple[int, int, int, int, Sequence[tuple]]
+# One layer: [M, N, weight address, backup address, adapters, (up address, down address, rank) per adapter]
+Addresses = list[int]
 SEARCH_BITS = 16  # layers per group: fewer than 2**16
 
 
 def _table(layers: Sequence[Addresses], origin: int) -> tuple[torch.Tensor, int, int]:
-    """(int64 table of the layers' rows with absolute addresses, tiles in all, width)."""
-    width = max(len(factors) for *_, factors in layers)
-    rows, first = [], 0
+    """(int64 table: each layer's first tile, then its addresses row padded to the widest, tiles in all, width)."""
+    width = max(row[4] for row in layers)
+    full = 5 + 3 * width
     pad = [origin, origin, 16] * width  # (padding: aligned, never read)
-    for m, n, weight, backup, factors in layers:
-        row = [first, m, n, weight, backup, len(factors)]
-        for up, down, rank, *_ in factors:
-            row += (up, down, rank)
-        rows.append(row + pad[:3 * (width - len(factors))])
-        first += -(-m // BLOCK_M) * -(-n // BLOCK_N)
-    return torch.tensor(rows, dtype=torch.int64), first, width
+    table = torch.tensor([row if len(row) == full else row + pad[:full - len(row)] for row in layers],
+                         dtype=torch.int64)
+    tiles = (table[:, 0] + BLOCK_M - 1) // BLOCK_M * ((table[:, 1] + BLOCK_N - 1) // BLOCK_N)
+    first = torch.cumsum(tiles, 0) - tiles
+    return torch.cat([first[:, None], table], 1), int(tiles.sum()), width
 
 
 def _address_columns(width: int) -> torch.Tensor:
@@ -218,17 +216,17 @@ def _address_columns(width: int) -> torch.Tensor:
 
 
 def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[GroupTables | None, list[int]]:
-    """``(tables, [])`` for ``(M, N, weight address, backup address, [(up address, down address, rank), ...])`` of
-    each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on its device: the
-    caller checks); ``(None, misaligned layers)`` where an address is not a multiple of 16 elements away from
-    ``anchor``'s; ``(None, [])`` where the kernel cannot take the group otherwise (``N`` and every rank must be
-    multiples of 16). The alignment lets the kernel vectorise (see :func:`_group_kernel`). The caller checks
-    :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
+    """``(tables, [])`` for ``[M, N, weight address, backup address, adapters, (up address, down address, rank) per
+    adapter]`` of each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on
+    its device: the caller checks); ``(None, misaligned layers)`` where an address is not a multiple of 16 elements
+    away from ``anchor``'s; ``(None, [])`` where the kernel cannot take the group otherwise (``N`` and every rank
+    must be multiples of 16). The alignment lets the kernel vectorise (see :func:`_group_kernel`). The caller
+    checks :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
     if triton is None or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
             or anchor.data_ptr() % 16:
         return None, []
     origin = anchor.data_ptr()
-    table, first, width = _table(layers, origin)
+    table, tiles, width = _table(layers, origin)
     where = _address_columns(width)
     offsets = table[:, where] - origin
     bad = (offsets % (16 * anchor.itemsize)).any(1)
@@ -237,7 +235,7 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     if bool((torch.cat([table[:, 2:3], table[:, 8::3]], 1) % 16).any()):
         return None, []
     table[:, where] = offsets // anchor.itemsize
-    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), first, width), []
+    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), tiles, width), []
 
 
 def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
@@ -275,8 +273,8 @@ def _compile(device: torch.device, dtype: torch.dtype, kind: str) -> None:
             w = torch.zeros(2, 16, 16, dtype=dtype, device=device)  # sizes divisible by 16, as the kernels ask
             up = torch.zeros(2, 16, 16, dtype=dtype, device=device)
             if kind == "group":
-                tables, _ = group_tables([(16, 16, w[0].data_ptr(), w[1].data_ptr(),
-                                           [(up[0].data_ptr(), up[1].data_ptr(), 16)])], w)
+                tables, _ = group_tables([[16, 16, w[0].data_ptr(), w[1].data_ptr(), 1, up[0].data_ptr(),
+                                           up[1].data_ptr(), 16]], w)
                 merge_group(tables, torch.zeros(1, 2, device=device))
             else:
                 merge(list(w), list(w), up, up)

@@ -53,13 +53,116 @@ class _MergeChunk:
     clean: bool  # every member already held these contributions when the plan was built
     last: torch.Tensor | None = None
     ids: frozenset[int] | None = None  # its deltas' ids, once a hotswap asked (invalidate)
-    members: list[tuple[int, tuple[int, ...]]] | None = None  # (layer id, its deltas' ids), once written() asked
+    members: list[tuple[int, tuple[int, ...]]] | None = None  # (layer id, its deltas' ids), once holds() asked
+
+    def signature(self, i: int) -> tuple | None:
+        """What member ``i`` was last written with (None: not yet), as a signature."""
+        return None if self.last is None else tuple(zip(self.member_ids()[i][1], self.last[i].tolist()))
 
     def member_ids(self) -> list[tuple[int, tuple[int, ...]]]:
         if self.members is None:
             self.members = [(id(layer), tuple(id(d) for d, _ in contributions))
                             for layer, contributions, _ in self.chunk.members]
         return self.members
+
+
+@dataclass
+class _KernelPart:
+    """Layers of one device and dtype that one launch of the group kernel re-merges (batched.Segment), laid out as
+    flat arrays: per member its row of F, its deltas' columns and static multipliers (padded to the widest with
+    multiplier 0, which the kernel does not read), so that a run costs a few tensor operations for all of them."""
+
+    segment: batched.Segment
+    deltas: list[list[WeightDelta]]
+    rows: torch.Tensor  # [n]
+    cols: torch.Tensor  # [n, K]
+    static: torch.Tensor  # [n, K] float64
+    clean: torch.Tensor  # bool [n]: held these contributions when the plan was built
+    last: torch.Tensor | None = None  # [n, K]: the multipliers last written
+    stale: torch.Tensor | None = None  # bool [n]: rewrite at the next run whatever the multipliers
+    index: dict[int, list[int]] | None = None  # delta id -> members, once a hotswap asked (invalidate)
+
+    @classmethod
+    def lay_out(cls, members: _KernelMembers) -> tuple[_KernelPart | None, list[int]]:
+        """``(part, [])`` for these members, or ``(None, the members the kernel cannot take)`` (batched.segment)."""
+        seg, bad = batched.segment(members.layers, members.addresses)
+        if seg is None:
+            return None, bad or list(range(len(members.layers)))
+        width = max(len(c) for c in members.cols)
+        cols, static = members.cols, members.static
+        if any(len(c) < width for c in cols):  # (layers with fewer adapters: multiplier 0, never read)
+            cols = [c + [-1] * (width - len(c)) for c in cols]
+            static = [v + [0.0] * (width - len(v)) for v in static]
+        return cls(seg, members.deltas, rows=torch.tensor(members.rows), cols=torch.tensor(cols),
+                   static=torch.tensor(static, dtype=torch.float64),
+                   clean=torch.tensor(members.clean, dtype=torch.bool)), []
+
+    def run(self, table: torch.Tensor, mark: tuple, fresh: bool) -> None:
+        mults = self.static * table[self.rows[:, None], self.cols]
+        if self.last is None:
+            dirty = ~self.clean if fresh else torch.ones(len(self.deltas), dtype=torch.bool)
+        else:
+            dirty = (mults != self.last).any(1)
+        if self.stale is not None:
+            dirty |= self.stale
+            self.stale = None
+        self.last = mults
+        layers = self.segment.layers
+        for layer in layers:
+            layer.applied = mark
+        if not bool(dirty.any()):
+            return
+        if self.segment.current():
+            self.segment.merge(torch.cat([mults.float(), dirty.float()[:, None]], 1))
+            return
+        values = mults.tolist()  # the kernel is compiling (or a weight moved): the batched BLAS route
+        batched.write_many([(layers[i], list(zip(self.deltas[i], values[i])))
+                            for i in dirty.nonzero().flatten().tolist()])
+
+    def signature(self, i: int) -> tuple | None:
+        """What member ``i`` was last written with (None: not yet), as a signature."""
+        if self.last is None:
+            return None
+        return tuple((id(d), m) for d, m in zip(self.deltas[i], self.last[i].tolist()))
+
+    def invalidate(self, swapped: frozenset[int]) -> None:
+        if self.index is None:
+            self.index = defaultdict(list)
+            for i, deltas in enumerate(self.deltas):
+                for d in deltas:
+                    self.index[id(d)].append(i)
+        hit = [i for d in swapped.intersection(self.index) for i in self.index[d]]
+        if hit:
+            self._mark_stale(hit)
+
+    def reactivate(self, resolve: Resolver) -> None:
+        """Members that no longer hold what this plan last wrote are rewritten at the next run. When the first one
+        does not, another plan rewrote them: all are, without a look at each (rewriting is always right)."""
+        layers = self.segment.layers
+        if self.last is None:
+            return
+        if resolve(layers[0]) != self.signature(0):
+            self.last = None
+            return
+        self._mark_stale([i for i, layer in enumerate(layers) if resolve(layer) != self.signature(i)])
+
+    def _mark_stale(self, members: list[int]) -> None:
+        if self.stale is None:
+            self.stale = torch.zeros(len(self.deltas), dtype=torch.bool)
+        self.stale[members] = True
+
+
+@dataclass
+class _KernelMembers:
+    """build_merged's collection of a kernel part's members, column by column."""
+
+    layers: list[LayerState] = field(default_factory=list)
+    deltas: list[list[WeightDelta]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    cols: list[list[int]] = field(default_factory=list)
+    static: list[list[float]] = field(default_factory=list)
+    addresses: list[list[int]] = field(default_factory=list)  # see kernels.group_tables
+    clean: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -82,10 +185,11 @@ class SwitchPlan:
     # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
     branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
     empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
-    segments: list[batched.Segment] = field(default_factory=list)  # chunks one launch of the group kernel merges
+    kernel: list[_KernelPart] = field(default_factory=list)  # layers one launch of the group kernel merges
     fresh: bool = True
-    # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (written())
+    # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (holds())
     mark: tuple = field(default_factory=lambda: (PLAN_MARK, next(_MARKS)))
+    _where: dict[int, tuple] | None = None  # id(layer) -> (its chunk or kernel part, index): holds()
 
     def reactivate(self, layers: list[LayerState], resolve: Resolver) -> None:
         """Make this plan current again after others ran (the adapter set switched back): no layout work. Layers it
@@ -96,14 +200,15 @@ class SwitchPlan:
         batched.restore([layer for layer in held if batched.can_restore(layer)])
         for layer in held:
             layer.write([])  # the rest, one by one (a no-op for those just restored)
-        mine = self.written()
         for mc in self.chunks:
             members = [layer for layer, _, _ in mc.chunk.members]
-            if mc.last is not None and all(resolve(layer) == mine[id(layer)] for layer in members):
+            if mc.last is not None and all(resolve(layer) == mc.signature(i) for i, layer in enumerate(members)):
                 for layer in members:
                     layer.applied = self.mark  # they hold exactly what this plan last wrote
             else:
                 mc.last, mc.clean = None, False
+        for part in self.kernel:
+            part.reactivate(resolve)
         self.fresh = False
         mine = {id(layer) for layer, *_ in self.branch_state}
         for layer in layers:
@@ -119,6 +224,8 @@ class SwitchPlan:
         if self.fresh and self.restores:
             batched.restore(self.restores)
         self._run_chunks(table)
+        for part in self.kernel:
+            part.run(table, self.mark, self.fresh)
         if self.singles or self.branch_singles:
             values = table.tolist()
             for row, layer, slots in self.singles:
@@ -136,16 +243,23 @@ class SwitchPlan:
                 mc.ids = frozenset(id(d) for _, contributions, _ in mc.chunk.members for d, _ in contributions)
             if not swapped.isdisjoint(mc.ids):
                 mc.last, mc.clean = None, False
+        for part in self.kernel:
+            part.invalidate(swapped)
 
-    def written(self) -> dict[int, tuple]:
-        """What each layer this plan last wrote holds, as a signature: lets the next plan skip unchanged layers."""
-        out = {}
-        for mc in self.chunks:
-            if mc.last is None:
-                continue
-            for (layer, ids), row in zip(mc.member_ids(), mc.last.tolist()):
-                out[layer] = tuple(zip(ids, row))  # as _signature: (delta id, multiplier) pairs
-        return out
+    def holds(self, layer: LayerState) -> tuple | None:
+        """What this plan last wrote into ``layer``, as a signature (None: not one of its merged layers, or not
+        written yet): lets the next plan skip unchanged layers. Looked up for one layer at a time."""
+        if self._where is None:
+            where: dict[int, tuple] = {}
+            for mc in self.chunks:
+                for i, (member, _, _) in enumerate(mc.chunk.members):
+                    where[id(member)] = (mc, i)
+            for part in self.kernel:
+                for i, member in enumerate(part.segment.layers):
+                    where[id(member)] = (part, i)
+            self._where = where
+        found = self._where.get(id(layer))
+        return None if found is None else found[0].signature(found[1])
 
     def _run_chunks(self, table: torch.Tensor) -> None:
         due = []
@@ -160,29 +274,18 @@ class SwitchPlan:
                 continue
             mc.last = mults
             due.append((mc.chunk, mults))
-        for seg in self.segments:
-            if due and seg.current():
-                mine = [item for item in due if id(item[0]) in seg.starts]
-                if mine:
-                    seg.merge(mine, self.mark)
-                    due = [item for item in due if id(item[0]) not in seg.starts]
         batched.merge_chunks(due, self.mark)
 
 
 def resolver(plans: list[SwitchPlan]) -> Resolver:
     """Resolve what layers hold, for layers these plans wrote (a plan no longer kept resolves to None: unknown)."""
     by_mark = {p.mark: p for p in plans}
-    seen: dict[tuple, dict[int, tuple]] = {}
 
     def resolve(layer: LayerState) -> tuple | None:
         applied = layer.applied
         if len(applied) == 2 and applied[0] == PLAN_MARK:
             plan = by_mark.get(applied)
-            if plan is None:
-                return None
-            if applied not in seen:
-                seen[applied] = plan.written()
-            return seen[applied].get(id(layer))
+            return None if plan is None else plan.holds(layer)
         return applied
 
     return resolve
@@ -206,14 +309,107 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
     """Lay out a plan for ``(path, layer, merged slots, branch slots)`` of every layer (nothing is written yet).
 
     Layers whose weight already holds exactly its merged contributions (by their own record, or by what the plan
-    that wrote them last wrote: ``resolve``) are marked clean, so the first run after a structural change (fuse, unfuse, deleting an
-    adapter that was not active) rewrites only what changed."""
+    that wrote them last wrote: ``resolve``) are marked clean, so the first run after a structural change (fuse,
+    unfuse, deleting an adapter that was not active) rewrites only what changed."""
     plan = SwitchPlan(key, [path for path, _, _, _ in items])
-    table = _factor_table(len(items), factors, per_path)
-    values = table.tolist()
+    values = _factor_table(len(items), factors, per_path).tolist()
+    branch_layers = _lay_out(plan, [(row, layer, merged, branch) for row, (_, layer, merged, branch)
+                                    in enumerate(items)], values, resolve)
+    _layout_branches(plan, branch_layers, values)
+    return plan
+
+
+def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str], fused: Sequence,
+                 factors: Sequence[float | None], per_path: dict[int, list[float]], resolve: Resolver) -> SwitchPlan:
+    """:func:`build` for merge mode, in one pass over the layers (``fused``: the component's FusedEntry list).
+
+    Layers the group kernel can take (CUDA, fp16/bf16, low-rank factors beside the weight: see
+    batched.kernel_factors) are laid out as flat arrays, with no per-chunk work and no stacks (a plan is laid out
+    right after every load: this is what the first set_adapters after one costs); the rest take build's general
+    path."""
+    paths = list(layers)
+    plan = SwitchPlan(key, paths)
+    values = _factor_table(len(paths), factors, per_path).tolist()
+    general: list[tuple[int, LayerState, list[Slot], list[Slot]]] = []
+    kernel: dict[tuple, _KernelMembers] = {}
+    columns = list(enumerate(live))
+    devices = _KernelDevices()
+    for row, (path, layer) in enumerate(layers.items()):
+        deltas = layer.deltas
+        if fused:
+            slots = [Slot(*f.contributions[path], -1) for f in fused if path in f.contributions]
+            slots += [Slot(d, d.scale, j) for j, name in columns if (d := deltas.get(name)) is not None]
+            ds, cols = [s.delta for s in slots], [s.col for s in slots]
+        else:
+            slots, ds, cols = None, [], []
+            for j, name in columns:
+                d = deltas.get(name)
+                if d is not None:
+                    ds.append(d)
+                    cols.append(j)
+        place = batched._placement(layer) if ds else None
+        known = None
+        if place is not None and (place[2], place[1]) in devices:
+            shape = place[0]
+            m, n = shape[0], shape.numel() // shape[0]
+            known = batched.kernel_factors(place[1], place[2], ds) if n % 16 == 0 else None
+        if known is None:
+            if slots is None:
+                slots = [Slot(d, d.scale, j) for d, j in zip(ds, cols)]
+            general.append((row, layer, slots, []))
+            continue
+        static = [s.static for s in slots] if slots is not None else [k[5] for k in known]
+        if layer.branch is not None:
+            layer.set_branch([])
+        w = layer.weight
+        if layer.base is None:
+            layer.base = w.detach().clone()
+        held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
+        clean = False
+        if held is not None and len(held) == len(ds):
+            at = values[row]
+            clean = held == tuple((id(d), v * at[c]) for d, v, c in zip(ds, static, cols))
+        addresses = [m, n, w.data_ptr(), layer.base.data_ptr(), len(ds)]
+        for k in known:
+            addresses += k[:3]
+        into = kernel.get((place[2], place[1]))
+        if into is None:
+            into = kernel[place[2], place[1]] = _KernelMembers()
+        into.layers.append(layer)
+        into.deltas.append(ds)
+        into.rows.append(row)
+        into.cols.append(cols)
+        into.static.append(static)
+        into.addresses.append(addresses)
+        into.clean.append(clean)
+    for members in kernel.values():
+        part, rejected = _KernelPart.lay_out(members)
+        if part is not None:
+            plan.kernel.append(part)
+        general += [(members.rows[i], members.layers[i], [Slot(d, v, c) for d, v, c in zip(
+            members.deltas[i], members.static[i], members.cols[i])], []) for i in rejected]
+    _lay_out(plan, general, values, resolve)
+    return plan
+
+
+class _KernelDevices(dict):
+    """``(device, dtype) in this``: batched.kernel_devices, asked once per pair."""
+
+    def __missing__(self, key: tuple) -> bool:
+        self[key] = batched.kernel_devices(*key)
+        return self[key]
+
+    def __contains__(self, key: object) -> bool:
+        return self[key]
+
+
+def _lay_out(plan: SwitchPlan, items: list[tuple[int, LayerState, list[Slot], list[Slot]]],
+             values: list[list[float]], resolve: Resolver) -> list[tuple[int, LayerState, list[Slot]]]:
+    """build's general path for ``(row, layer, merged slots, branch slots)``: restores, chunks of same-shaped
+    layers, layers written one by one; returns the branch layers, for :func:`_layout_branches`."""
     groups: dict[tuple, list[tuple[int, LayerState, list[Slot], list[Contribution], bool]]] = defaultdict(list)
     branch_layers: list[tuple[int, LayerState, list[Slot]]] = []
-    for row, (_, layer, merged, branch) in enumerate(items):
+    for row, layer, merged, branch in items:
         if branch:
             branch_layers.append((row, layer, branch))
         elif layer.branch is not None:
@@ -244,12 +440,7 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
                 cols=torch.tensor([[s.col for s in slots] for _, _, slots, _, _ in part]),
                 static=torch.tensor([[s.static for s in slots] for _, _, slots, _, _ in part], dtype=torch.float64),
                 clean=all(clean for *_, clean in part)))
-    by_place: dict[tuple, list[batched._Chunk]] = defaultdict(list)
-    for mc in plan.chunks:
-        by_place[mc.chunk.members[0][0].weight.device, mc.chunk.members[0][0].weight.dtype].append(mc.chunk)
-    plan.segments = [seg for chunks in by_place.values() if (seg := batched.segment(chunks)) is not None]
-    _layout_branches(plan, branch_layers, values)
-    return plan
+    return branch_layers
 
 
 def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[Slot]]],

@@ -155,7 +155,11 @@ class ComponentState:
             kept.reactivate(list(self.layers.values()), resolve)
             self._plans[key] = kept
             return kept
-        built = plan.build(key, self._slots(mode == "branch", live, fused), factors, per_path, resolve)
+        if mode == "merge":
+            built = plan.build_merged(key, self.layers, [name for name, _, _ in live], fused, factors, per_path,
+                                      resolve)
+        else:
+            built = plan.build(key, self._slots(True, live, fused), factors, per_path, resolve)
         self._plans = {k: p for k, p in self._plans.items() if k[4] == self.version}  # drop plans of old layers
         self._plans[key] = built
         while len(self._plans) > KEPT_PLANS:
