@@ -97,47 +97,54 @@ import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("kernels_interpreted", sys.argv[1])
 k = importlib.util.module_from_spec(spec); sys.modules[spec.name] = k; spec.loader.exec_module(k)
 torch.manual_seed(0)
-# (weight shape, ranks of its adapters): ragged sizes, conv-shaped weights, 1-3 adapters of different ranks
-specs = [((40, 80), (16,)), ((130, 16, 3, 3), (32, 16)), ((64, 128), (48, 16, 32)), ((16, 32), (16,))]
-arena = torch.zeros(1 << 20, dtype=torch.float16)  # one allocation: addresses 16 elements apart, as checked
+arena = torch.zeros(1 << 21, dtype=torch.float16)  # one allocation: addresses 16 elements apart, as checked
 used = [0]
-def take(*shape, fill=None):
+
+def take(*shape, fill=None, odd=False):
     n = torch.Size(shape).numel()
-    t = arena[used[0]:used[0] + n].view(shape)
-    used[0] += -(-n // 16) * 16
+    start = used[0] + (1 if odd else 0)  # odd: one element off alignment, as a kohya file's factors sit
+    t = arena[start:start + n].view(shape)
+    used[0] += -(-(n + 1) // 16) * 16
     t.copy_(torch.randn(shape) if fill is None else torch.full(shape, fill))
     return t
-layers, tensors, wants, mults = [], [], [], torch.zeros(len(specs), 4)
-for i, (shape, ranks) in enumerate(specs):
-    m, n = shape[0], torch.Size(shape[1:]).numel()
-    weight, base = take(*shape, fill=float("nan")), take(*shape)
-    factors = [(take(m, r) * 0.1, take(r, n)) for r in ranks]
-    layers.append([m, n, weight.data_ptr(), base.data_ptr(), len(ranks)]
-                  + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
-    tensors.append((weight, base, factors))
-    want = base.reshape(m, n).float()
-    for j, (up, down) in enumerate(factors):
-        mults[i, j] = 0.5 + 0.25 * j - 0.1 * i
-        want = want + (up.float() * mults[i, j]).half().float() @ down.float()
-    wants.append(want)
-mults[:, -1] = 1
-mults[3, -1] = 0  # not flagged: left as it is
-tables, bad = k.group_tables(layers, arena)
-assert tables is not None and tables.width == 3 and bad == []
-k.merge_group(tables, mults)
-for i, ((weight, _, _), want) in enumerate(zip(tensors, wants)):
-    got = weight.reshape(weight.shape[0], -1).float()
-    if i == 3:
-        assert torch.isnan(got).all(), "an unflagged layer was written"
-        continue
-    diff = (got - want).abs().max().item()
-    ulp = want.abs().max().item() * 2 ** -10
-    assert diff <= ulp, (i, diff, ulp)
-    assert (got.half() == want.half()).float().mean().item() > 0.99, i
-misaligned = [layers[1], layers[0][:5] + [arena[1:].data_ptr()] + layers[0][6:]]
-assert k.group_tables(misaligned, arena) == (None, [1])
-odd_rank = [layers[0][:7] + [8]]
-assert k.group_tables(odd_rank, arena) == (None, [])
+
+def case(specs, odd):
+    # (weight shape, ranks of its adapters): ragged sizes, conv-shaped weights, 1-3 adapters of different ranks
+    layers, tensors, wants, mults = [], [], [], torch.zeros(len(specs), 4)
+    for i, (shape, ranks) in enumerate(specs):
+        m, n = shape[0], torch.Size(shape[1:]).numel()
+        weight, base = take(*shape, fill=float("nan")), take(*shape)
+        factors = [(take(m, r, odd=odd) * 0.1, take(r, n, odd=odd)) for r in ranks]
+        layers.append([m, n, weight.data_ptr(), base.data_ptr(), len(ranks)]
+                      + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
+        tensors.append((weight, base, factors))
+        want = base.reshape(m, n).float()
+        for j, (up, down) in enumerate(factors):
+            mults[i, j] = 0.5 + 0.25 * j - 0.1 * i
+            want = want + (up.float() * mults[i, j]).half().float() @ down.float()
+        wants.append(want)
+    mults[:, -1] = 1
+    mults[-1, -1] = 0  # not flagged: left as it is
+    tables, bad = k.group_tables(layers, arena)
+    assert tables is not None and tables.width == 3 and bad == [] and tables.aligned == (not odd), (odd, bad)
+    k.merge_group(tables, mults)
+    for i, ((weight, _, _), want) in enumerate(zip(tensors, wants)):
+        got = weight.reshape(weight.shape[0], -1).float()
+        if i == len(specs) - 1:
+            assert torch.isnan(got).all(), "an unflagged layer was written"
+            continue
+        diff = (got - want).abs().max().item()
+        ulp = want.abs().max().item() * 2 ** -10
+        assert diff <= ulp, (odd, i, diff, ulp)
+        assert (got.half() == want.half()).float().mean().item() > 0.99, (odd, i)
+    return layers
+
+layers = case([((40, 80), (16,)), ((130, 16, 3, 3), (32, 16)), ((64, 128), (48, 16, 32)), ((16, 32), (16,))], False)
+case([((40, 80), (8,)), ((130, 16, 3, 3), (4, 16)), ((64, 128), (48, 24, 32)), ((16, 32), (16,))], True)
+weight_off = [layers[1], layers[0][:2] + [arena[1:].data_ptr()] + layers[0][3:]]
+assert k.group_tables(weight_off, arena) == (None, [1])  # weights and backups must be aligned
+rows_off = [[40, 72] + layers[0][2:]]
+assert k.group_tables(rows_off, arena) == (None, [])  # and their rows (N % 16)
 print("ok")
 '''
 
@@ -151,8 +158,9 @@ def test_group_kernel_matches_addmm_interpreted():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-factors"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compiled_group_kernel_matches_addmm(dtype):
+def test_compiled_group_kernel_matches_addmm(dtype, odd):
     k = _fresh_kernels()
     dev = torch.device("cuda", 0)
     for _ in range(600):  # the first ask starts the compile in the background
@@ -163,20 +171,29 @@ def test_compiled_group_kernel_matches_addmm(dtype):
         pytest.fail(f"kernel not compiled: {k._READY}")
     torch.manual_seed(0)
     specs = [((48, 80), (32,)), ((320, 64, 3, 3), (64, 16)), ((1280, 5120), (128, 32, 16)), ((3072, 3072), (32,))]
+    if odd:  # factors one element off alignment (a kohya file's), ranks not multiples of 16
+        specs = [(shape, tuple(r // 2 + 4 for r in ranks)) for shape, ranks in specs]
+
+    def factor(*shape, scale=1.0):
+        n = torch.Size(shape).numel()
+        flat = (torch.randn(n + 1, device=dev) * scale).to(dtype)
+        return flat[1:].view(shape) if odd else flat[:n].view(shape)
+
     layers, tensors = [], []
     mults = torch.zeros(len(specs), 4, device=dev)
     for i, (shape, ranks) in enumerate(specs):
         m, n = shape[0], torch.Size(shape[1:]).numel()
         base = torch.randn(shape, device=dev).to(dtype)
         weight = torch.empty_like(base)
-        factors = [((torch.randn(m, r, device=dev) * 0.1).to(dtype), torch.randn(r, n, device=dev).to(dtype))
-                   for r in ranks]
+        factors = [(factor(m, r, scale=0.1), factor(r, n)) for r in ranks]
         mults[i, :len(ranks)] = torch.tensor([0.7, -0.3, 1.1][:len(ranks)])
         layers.append([m, n, weight.data_ptr(), base.data_ptr(), len(ranks)]
                       + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
         tensors.append((weight, base, factors))
     mults[:, -1] = 1
-    k.merge_group(k.group_tables(layers, tensors[0][0])[0], mults)
+    tables, _ = k.group_tables(layers, tensors[0][0])
+    assert tables.aligned == (not odd)
+    k.merge_group(tables, mults)
     for i, (weight, base, factors) in enumerate(tensors):
         m = weight.shape[0]
         want = base.reshape(m, -1).float()

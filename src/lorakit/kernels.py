@@ -70,7 +70,8 @@ if triton is not None:
 
     @triton.jit
     def _group_kernel(anchor, table, mults, LAYERS, WIDTH, MULTS_WIDTH,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr,
+                      FACTORS_ALIGNED: tl.constexpr):
         # One program per tile of any layer of the group. The layers differ in shape and adapters: each has a row of
         # ``table`` (see group_tables) whose first column is its first tile; a binary search over that column
         # finds this program's layer (SEARCH steps: 2**SEARCH > LAYERS).
@@ -98,9 +99,15 @@ if triton is not None:
             held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(adapters):
-                up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
-                down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
-                rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
+                up_at = tl.load(row + 6 + 3 * j)
+                down_at = tl.load(row + 7 + 3 * j)
+                rank = tl.load(row + 8 + 3 * j)
+                if FACTORS_ALIGNED:  # (kohya files interleave 2-byte alphas: their factors sit at odd offsets)
+                    up_at = tl.multiple_of(up_at, 16)
+                    down_at = tl.multiple_of(down_at, 16)
+                    rank = tl.multiple_of(rank, 16)
+                up = anchor + up_at
+                down = anchor + down_at
                 scale = tl.load(weights + j)
                 for k in range(0, rank, BLOCK_K):
                     kk = k + tl.arange(0, BLOCK_K)
@@ -192,6 +199,7 @@ class GroupTables:
     table: torch.Tensor  # int64 [layers, 6 + 3 * width], on the device
     tiles: int
     width: int  # adapters per layer, at most
+    aligned: bool  # every factor address and rank a multiple of 16: the kernel's vectorised variant
 
 
 # One layer: [M, N, weight address, backup address, adapters, (up address, down address, rank) per adapter]
@@ -219,9 +227,10 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     """``(tables, [])`` for ``[M, N, weight address, backup address, adapters, (up address, down address, rank) per
     adapter]`` of each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on
     its device: the caller checks); ``(None, misaligned layers)`` where an address is not a multiple of 16 elements
-    away from ``anchor``'s; ``(None, [])`` where the kernel cannot take the group otherwise (``N`` and every rank
-    must be multiples of 16). The alignment lets the kernel vectorise (see :func:`_group_kernel`). The caller
-    checks :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
+    away from ``anchor``'s for a weight or a backup; ``(None, [])`` where ``N`` is not a multiple of 16. Alignment
+    lets the kernel vectorise its loads and stores; factors (and ranks) off it take a variant that does not (see
+    :func:`_group_kernel`). The caller checks :func:`ready` before merging (False off CUDA: tests run the kernel
+    under Triton's interpreter)."""
     if triton is None or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
             or anchor.data_ptr() % 16:
         return None, []
@@ -229,13 +238,17 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     table, tiles, width = _table(layers, origin)
     where = _address_columns(width)
     offsets = table[:, where] - origin
-    bad = (offsets % (16 * anchor.itemsize)).any(1)
+    if bool((offsets % anchor.itemsize).any()):
+        return None, (offsets % anchor.itemsize).any(1).nonzero().flatten().tolist()
+    misaligned = offsets % (16 * anchor.itemsize) != 0
+    bad = misaligned[:, :2].any(1)  # weights and backups must be aligned; factors may not be
     if bool(bad.any()):
         return None, bad.nonzero().flatten().tolist()
-    if bool((torch.cat([table[:, 2:3], table[:, 8::3]], 1) % 16).any()):
+    if bool((table[:, 2] % 16).any()):
         return None, []
+    aligned = not bool(misaligned.any()) and not bool((table[:, 8::3] % 16).any())
     table[:, where] = offsets // anchor.itemsize
-    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), tiles, width), []
+    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), tiles, width, aligned), []
 
 
 def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
@@ -246,7 +259,8 @@ def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
     with torch.cuda.device(tables.anchor.device) if on_gpu else contextlib.nullcontext():
         _group_kernel[(tables.tiles,)](
             tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, num_warps=NUM_WARPS)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, FACTORS_ALIGNED=tables.aligned,
+            num_warps=NUM_WARPS)
 
 
 def ready(device: torch.device, dtype: torch.dtype) -> bool:
@@ -272,10 +286,11 @@ def _compile(device: torch.device, dtype: torch.dtype, kind: str) -> None:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
             w = torch.zeros(2, 16, 16, dtype=dtype, device=device)  # sizes divisible by 16, as the kernels ask
             up = torch.zeros(2, 16, 16, dtype=dtype, device=device)
-            if kind == "group":
-                tables, _ = group_tables([[16, 16, w[0].data_ptr(), w[1].data_ptr(), 1, up[0].data_ptr(),
-                                           up[1].data_ptr(), 16]], w)
-                merge_group(tables, torch.zeros(1, 2, device=device))
+            if kind == "group":  # both variants: factors aligned, and not (rank 8 here)
+                for rank in (16, 8):
+                    tables, _ = group_tables([[16, 16, w[0].data_ptr(), w[1].data_ptr(), 1, up[0].data_ptr(),
+                                               up[1].data_ptr(), rank]], w)
+                    merge_group(tables, torch.zeros(1, 2, device=device))
             else:
                 merge(list(w), list(w), up, up)
             torch.cuda.current_stream().synchronize()
