@@ -188,7 +188,9 @@ def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[
         layer = layers.get(path)
         if layer is None:  # (every module of an adapter has its layer: never expected)
             continue
-        if layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
+        if layer.pool is not None:
+            layer.pool.refresh(swapped)  # in place: the views a group runs on see the new values
+        if layer.branch_applied and layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
             layer.restack_branch()
         if layer.applied != ():
             layer.applied = stale
