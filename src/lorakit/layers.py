@@ -10,7 +10,10 @@ runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and ``torc
 **branch** (the default on CPU, and the basis for per-sample adapters). The weight holds only the base and what the
 user fused; active low-rank adapters run as one stacked branch per layer, ``out += ((x @ A_cat^T) * s) @ B_cat^T``,
 one shrink and one expand whatever the number of adapters, ``s`` holding each adapter's multiplier over its ranks.
-A change of weights or scales rewrites ``s`` in place; only a change of the adapter set restacks the factors.
+With uniform weights ``A_cat``/``B_cat`` are views of a span of the layer's factor pool, where every adapter loaded
+on it was laid out once at load (see :mod:`lorakit.pool`): a new adapter set moves the span (picked up at the next
+forward), a change of weights or scales rewrites ``s`` in place, and nothing is restacked. Per-layer (block) weights,
+fused adapters and spans with too many idle ranks run on factors stacked by a switch plan (:meth:`set_branch`).
 
 Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """

@@ -1,9 +1,9 @@
 """Branch mode's factor pools: a new adapter set runs on views of factors laid out at load time, with no restacking.
 
 Each targeted layer keeps the LoRA factors of every adapter loaded on it in one :class:`Pool`, rank after rank in the
-component's load order: ``down [C, in*kh*kw]`` and ``up_t [C, out]`` (the up factors transposed, so that a run of
-ranks is a contiguous block of both). A set whose adapters occupy ranks ``start:stop`` runs on ``down[start:stop]``
-and ``up_t[start:stop]``: views, no copy. Adapters inside the span that are not in the set get multiplier 0, so a
+component's load order: ``down [C, in*kh*kw]`` and ``up [out, C]``. A set whose adapters occupy ranks
+``start:stop`` runs on ``down[start:stop]`` and ``up[:, start:stop]``: views, no copy (the expand reads the up view
+as a transposed operand with leading dimension ``C``, which BLAS takes as it is). Adapters inside the span that are not in the set get multiplier 0, so a
 span is used only while those idle ranks are no more than the active ones; otherwise (and for per-layer multipliers
 or fused adapters) the component runs on a switch plan that stacks the set's factors (:mod:`lorakit.plan`).
 
@@ -12,8 +12,10 @@ layers) share one :class:`Group`: its span and its per-rank multiplier vector. A
 and vector, O(groups) whatever the number of layers; each layer picks a new span up at its next forward (one integer
 compare when nothing changed). A change of weights keeps the span and rewrites the vector in place.
 
-Memory: the pools hold a second copy of the adapters' factors (up to twice the ranks loaded, so that loads rarely
-regrow them); uniform-weight switches then need no stacked copies at all.
+Memory: the pools hold a second copy of the adapters' factors; uniform-weight switches then need no stacked copies
+at all. A pool is allocated with room for 4x the ranks of its first adapters (on the CPU, pages never written take
+no physical memory), so later loads append without regrowing it; a full pool regrows to twice what it needs (one
+copy of what it holds).
 
 Example:
     >>> manager = lorakit.attach(pipe, mode="branch")        # doctest: +SKIP
@@ -46,7 +48,7 @@ class Pool:
     """The factors of every adapter on one layer, rank after rank: ``entries[i]`` holds ranks ``offsets[i]:...``."""
 
     down: torch.Tensor  # [capacity, in*kh*kw]
-    up_t: torch.Tensor  # [capacity, out]
+    up: torch.Tensor  # [out, capacity]
     kernel: tuple[int, ...] | None  # a conv weight's [in, kh, kw]: views are shaped for F.conv2d
     entries: list[Entry] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
@@ -56,18 +58,19 @@ class Pool:
     def empty(cls, module: nn.Module) -> Pool:
         w = module._parameters["weight"]
         kernel = tuple(w.shape[1:]) if isinstance(module, nn.Conv2d) else None
-        return cls(w.new_empty(0, w[0].numel()), w.new_empty(0, w.shape[0]), kernel)
+        return cls(w.new_empty(0, w[0].numel()), w.new_empty(w.shape[0], 0), kernel)
 
     def fits(self, module: nn.Module) -> bool:
         """Whether the pool still matches the layer's weight (placement, dtype, shape: a moved or widened layer)."""
         w = module._parameters["weight"]
-        return (self.down.device == w.device and self.down.dtype == w.dtype and self.up_t.shape[1] == w.shape[0]
+        return (self.down.device == w.device and self.down.dtype == w.dtype and self.up.shape[0] == w.shape[0]
                 and self.down.shape[1] == w[0].numel())
 
     @torch.no_grad()
     def sync(self, entries: list[Entry]) -> None:
         """Hold exactly ``entries``, in order: the common prefix stays where it is, the rest is (re)written after it,
         regrowing the pool (one copy of what it keeps) only when it is full."""
+        fresh = not self.entries
         keep = 0
         for (name, delta), (old_name, old) in zip(entries, self.entries):
             if name != old_name or delta is not old:
@@ -77,7 +80,7 @@ class Pool:
         self.used = self.offsets[-1] + self.entries[-1][1].rank if keep else 0
         need = self.used + sum(d.rank for _, d in entries[keep:])
         if need > self.down.shape[0]:
-            self._grow(2 * need)
+            self._grow((4 if fresh else 2) * need)
         for entry in entries[keep:]:
             self.entries.append(entry)
             self.offsets.append(self.used)
@@ -86,10 +89,10 @@ class Pool:
 
     def _grow(self, capacity: int) -> None:
         down = self.down.new_empty(capacity, self.down.shape[1])
-        up_t = self.up_t.new_empty(capacity, self.up_t.shape[1])
+        up = self.up.new_empty(self.up.shape[0], capacity)
         down[:self.used].copy_(self.down[:self.used])
-        up_t[:self.used].copy_(self.up_t[:self.used])
-        self.down, self.up_t = down, up_t
+        up[:, :self.used].copy_(self.up[:, :self.used])
+        self.down, self.up = down, up
 
     @torch.no_grad()
     def write(self, i: int) -> None:
@@ -98,7 +101,7 @@ class Pool:
         start = self.offsets[i]
         stop = start + down.shape[0]
         self.down[start:stop].copy_(down)
-        self.up_t[start:stop].copy_(up.t())
+        self.up[:, start:stop].copy_(up)
 
     def refresh(self, swapped: frozenset[int]) -> None:
         """Rewrite the entries whose deltas' values changed in place (a hotswap)."""
@@ -111,7 +114,7 @@ class Pool:
         them; None for an empty span."""
         if start == stop:
             return None
-        down, up = self.down[start:stop], self.up_t[start:stop].t()
+        down, up = self.down[start:stop], self.up[:, start:stop]
         if self.kernel is not None:
             return down.view(stop - start, *self.kernel), up[:, :, None, None]
         return down, up
