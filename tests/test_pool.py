@@ -172,3 +172,22 @@ def test_hotswap_of_a_pooled_adapter_rewrites_its_ranks_in_place():
     ours.set_adapters(["k", "b"], [1.0, 0.5])  # another span sees the swapped values too
     fresh.set_adapters(["k", "b"], [1.0, 0.5])
     assert_close(outputs(ours, FAM), outputs(fresh, FAM), atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_linear_layer_runs_on_the_views_without_copying_them():
+    from torch.profiler import profile
+
+    _, ours, _ = loaded(peft=False)
+    ours.set_adapters(["k", "b"], [0.7, 0.8])  # a span inside the pool: up is a view with leading dimension C
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    module, layer = ours.unet.get_submodule(path), state(ours).layers[path]
+    x = torch.randn(2, 5, module.in_features)
+    module(x)  # follows the new span
+    want = torch.nn.functional.linear(x, module.weight, module.bias)
+    a, b = layer.branch
+    want += (x @ a.t() * layer.branch_scale) @ b.t()
+    with profile() as prof:
+        got = module(x)
+    assert not [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
