@@ -13,9 +13,9 @@ and vector, O(groups) whatever the number of layers; each layer picks a new span
 compare when nothing changed). A change of weights keeps the span and rewrites the vector in place.
 
 Memory: the pools hold a second copy of the adapters' factors; uniform-weight switches then need no stacked copies
-at all. A pool is allocated with room for 4x the ranks of its first adapters (on the CPU, pages never written take
-no physical memory), so later loads append without regrowing it; a full pool regrows to twice what it needs (one
-copy of what it holds).
+at all. On the CPU a pool is allocated with room for 4x the ranks of its first adapters (pages never written take no
+physical memory there), so later loads append without regrowing it; a full pool regrows to twice what it needs (one
+copy of what it holds). On accelerators, where allocated means held, a pool starts at the size it needs.
 
 Example:
     >>> manager = lorakit.attach(pipe, mode="branch")        # doctest: +SKIP
@@ -80,7 +80,8 @@ class Pool:
         self.used = self.offsets[-1] + self.entries[-1][1].rank if keep else 0
         need = self.used + sum(d.rank for _, d in entries[keep:])
         if need > self.down.shape[0]:
-            self._grow((4 if fresh else 2) * need)
+            spare = 2 if not fresh else 4 if self.down.device.type == "cpu" else 1
+            self._grow(spare * need)
         for entry in entries[keep:]:
             self.entries.append(entry)
             self.offsets.append(self.used)
@@ -155,8 +156,9 @@ class Group:
 
     @torch.no_grad()
     def set(self, start: int, stop: int, values: list[float]) -> None:
-        if (start, stop) == (self.start, self.stop) and self.scale is not None:
-            self.scale.copy_(torch.tensor(values, dtype=self.dtype))  # in place: compiled graphs read this tensor
+        if (start, stop) == (self.start, self.stop):
+            if self.scale is not None:  # in place: compiled graphs read this tensor
+                self.scale.copy_(torch.tensor(values, dtype=self.dtype))
             return
         self.scale = torch.tensor(values, dtype=self.dtype).to(self.device) if stop > start else None
         self.start, self.stop, self.epoch = start, stop, next(_EPOCHS)
