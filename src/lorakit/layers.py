@@ -161,7 +161,8 @@ class LayerState:
         """Run these low-rank contributions as one stacked branch (shrink, scale, expand) in the forward pass.
 
         The stacked factors are rebuilt only when the set of adapters changes; a change of weights or call-time
-        scale only rewrites the small per-rank scale vector, in place."""
+        scale only rewrites the small per-rank scale vector, in place. (What switch plans run; uniform-weight sets
+        run on views of the layer's factor pool instead: :meth:`join`.)"""
         if not contributions and not self._running:
             return  # the merge path's common case: nothing to run, nothing to remove
         structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)

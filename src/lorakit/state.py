@@ -104,8 +104,10 @@ class ComponentState:
     def sync(self) -> None:
         """Bring every layer's weight (and branch) in line with the current state.
 
-        A change of structure (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of
-        weights or call-time scale only reruns the current one (see :mod:`lorakit.plan`)."""
+        In branch mode with uniform weights and nothing fused, any change (a new adapter set included) only points
+        the layers' groups at spans of their factor pools (see :mod:`lorakit.pool`). Otherwise a change of structure
+        (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of weights or call-time
+        scale only reruns the current one (see :mod:`lorakit.plan`)."""
         mode, live, fused, key = self._structure()
         if key == self._held:
             return  # the weights already hold this structure, which has no live adapter to rescale (see hold())
