@@ -2,10 +2,11 @@
 
 A new checkpoint of the same training run (the common hotswap) has the same modules, algorithms, shapes and alpha as
 the adapter it replaces. Copying its tensors into the old ones keeps every object the engine built around them (the
-deltas, the switch plans, the stacked factors of the batched merge and of the runtime branches) and so costs only the
-copy and a re-merge of the layers the adapter is on: no plan layout, no allocation, and a compiled graph that reads
-the branch factors sees the new values without recompiling. Files that differ in layout (other layers, ranks, alpha)
-go through the general path in the manager, which replaces the deltas.
+deltas, the switch plans, the stacked factors of the batched merge, the runtime branches' factor pools and stacks)
+and so costs only the copy and a re-merge of the layers the adapter is on (in branch mode, a copy into the pools):
+no plan layout, no allocation, and a compiled graph that reads the branch factors sees the new values without
+recompiling. Files that differ in layout (other layers, ranks, alpha) go through the general path in the manager,
+which replaces the deltas.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def _views_of_fields(delta: WeightDelta, cached: tuple[torch.Tensor, ...]) -> bo
 
 def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[int], stale: tuple) -> None:
     """The layers at ``paths`` (where the swapped deltas sit) may hold the old values: re-merged at the next sync
-    (conservative: at worst a layer is re-merged for nothing), branches restacked."""
+    (conservative: at worst a layer is re-merged for nothing), their factor pools rewritten and stacked branches
+    restacked, in place."""
     current = state._plan
     state._plans = {k: p for k, p in state._plans.items() if p is current}
     layers = state.layers
@@ -188,7 +190,9 @@ def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[
         layer = layers.get(path)
         if layer is None:  # (every module of an adapter has its layer: never expected)
             continue
-        if layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
+        if layer.pool is not None:
+            layer.pool.refresh(swapped)  # in place: the views a group runs on see the new values
+        if layer.branch_applied and layer.branch is not None and not swapped.isdisjoint(layer.branch_applied[0]):
             layer.restack_branch()
         if layer.applied != ():
             layer.applied = stale

@@ -10,7 +10,10 @@ runs in the forward pass, so ``state_dict`` keys, ``save_pretrained`` and ``torc
 **branch** (the default on CPU, and the basis for per-sample adapters). The weight holds only the base and what the
 user fused; active low-rank adapters run as one stacked branch per layer, ``out += ((x @ A_cat^T) * s) @ B_cat^T``,
 one shrink and one expand whatever the number of adapters, ``s`` holding each adapter's multiplier over its ranks.
-A change of weights or scales rewrites ``s`` in place; only a change of the adapter set restacks the factors.
+With uniform weights ``A_cat``/``B_cat`` are views of a span of the layer's factor pool, where every adapter loaded
+on it was laid out once at load (see :mod:`lorakit.pool`): a new adapter set moves the span (picked up at the next
+forward), a change of weights or scales rewrites ``s`` in place, and nothing is restacked. Per-layer (block) weights,
+fused adapters and spans with too many idle ranks run on factors stacked by a switch plan (:meth:`set_branch`).
 
 Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import copyreg
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import WeightDelta
+
+if TYPE_CHECKING:
+    from .pool import Group, Pool
 
 Contribution = tuple[WeightDelta, float]  # (delta, total multiplier on its unscaled form)
 
@@ -46,6 +53,9 @@ class LayerState:
     branch: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked (down [R, in], up [out, R]), unscaled
     branch_scale: torch.Tensor | None = None  # [R]: each adapter's multiplier, repeated over its rank
     branch_applied: tuple = ()
+    pool: Pool | None = None  # every adapter's factors on this layer, laid out once (branch mode: lorakit.pool)
+    group: Group | None = None  # while set, the branch is the group's span of the pool, followed lazily
+    _epoch: int = 0  # the group's epoch the branch was last set for (0: none yet)
     _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
 
@@ -151,7 +161,8 @@ class LayerState:
         """Run these low-rank contributions as one stacked branch (shrink, scale, expand) in the forward pass.
 
         The stacked factors are rebuilt only when the set of adapters changes; a change of weights or call-time
-        scale only rewrites the small per-rank scale vector, in place."""
+        scale only rewrites the small per-rank scale vector, in place. (What switch plans run; uniform-weight sets
+        run on views of the layer's factor pool instead: :meth:`join`.)"""
         if not contributions and not self._running:
             return  # the merge path's common case: nothing to run, nothing to remove
         structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
@@ -190,6 +201,24 @@ class LayerState:
         self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
         self._run(True)
 
+    def join(self, group: Group) -> None:
+        """Run on ``group``'s span of this layer's pool (see :mod:`lorakit.pool`), picked up at the next forward."""
+        self.group, self._epoch = group, 0
+        self.branch, self.branch_scale, self.branch_applied = None, None, ()
+        self._run(True)
+
+    def current(self, keep: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """(branch factors, per-rank scale) this layer runs now: its group's span of the pool when it has a group
+        (views, made when the span changed; ``keep``: remember them), else what :meth:`set_branch` stacked."""
+        group = self.group
+        if group is None or (keep and self._epoch == group.epoch):
+            return self.branch, self.branch_scale
+        branch = self.pool.views(group.start, group.stop)
+        scale = group.scale if branch is not None else None
+        if keep:
+            self.branch, self.branch_scale, self._epoch = branch, scale, group.epoch
+        return branch, scale
+
     def _run(self, on: bool) -> None:
         """Swap the module's class for its branch-running subclass, or back. A subclass rather than a forward hook:
         a hook sends every call through Module's slow path, and eager forwards of diffusers' denoisers are bound by
@@ -218,17 +247,24 @@ class LayerState:
 
     def run_branch(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output`` (the layer's own) plus this layer's branch on its input ``x``."""
-        if self.branch is None:
+        group = self.group
+        if group is not None and torch.compiler.is_compiling():
+            branch, scale = self.current(keep=False)  # views made in the graph: no guard on this layer's bookkeeping
+        elif group is not None and self._epoch != group.epoch:
+            branch, scale = self.current()  # eager: the span changed since the last forward
+        else:
+            branch, scale = self.branch, self.branch_scale
+        if branch is None:
             return output
-        a, b = self.branch
+        a, b = branch
         if isinstance(module, nn.Conv2d):
             hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
-            return output + F.conv2d(hidden * self.branch_scale[:, None, None], b)
+            return output + F.conv2d(hidden * scale[:, None, None], b)
         hidden = F.linear(x, a)
         if output.requires_grad or not output.is_contiguous():  # training: out of place, autograd sees every step
-            return output + F.linear(hidden * self.branch_scale, b)
+            return output + F.linear(hidden * scale, b)
         # Inference: 3 kernels, no new activation: scale the small hidden in place, add the expand into the output
-        hidden.mul_(self.branch_scale)
+        hidden.mul_(scale)
         output.view(-1, output.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t())
         return output
 
@@ -240,6 +276,7 @@ class LayerState:
 
     def drop(self) -> None:
         """Forget the branch, the backup and the adapters, leaving the weight as it is now."""
+        self.group = self.pool = None
         if self.branch is not None or self._running:
             self.set_branch([])
         self.base = self.base_bias = None
@@ -271,11 +308,12 @@ def _reduce_as_base(module: nn.Module, protocol: int) -> tuple:
     copy is attached to no manager: its branch could never be changed or removed, so it is not kept as one."""
     state = {k: v for k, v in module.__dict__.items() if k != "_lorakit_layer"}
     layer: LayerState = module._lorakit_layer
-    if layer.branch is not None:
-        a, b = layer.branch
+    branch, scale = layer.current(keep=False)
+    if branch is not None:
+        a, b = branch
         w = module._parameters["weight"]
         with torch.no_grad():
-            merged = torch.addmm(w.reshape(w.shape[0], -1).float(), (b.flatten(1) * layer.branch_scale).float(),
+            merged = torch.addmm(w.reshape(w.shape[0], -1).float(), (b.flatten(1) * scale).float(),
                                  a.flatten(1).float()).to(w.dtype).reshape(w.shape)
         state["_parameters"] = {**state["_parameters"], "weight": nn.Parameter(merged, requires_grad=w.requires_grad)}
     # (stdlib only, so loading needs no lorakit; Module.__setstate__ then takes the state)

@@ -13,7 +13,9 @@ multiplier (fused) or a column of the live adapters' factor table. A multiplier-
 
 a few vectorised operations in all, instead of Python for each of ~1000 layers (SDXL with its text encoders).
 Layers the batched path does not cover (non-additive algorithms, weights off the batching devices) are written one
-by one, from the same slots.
+by one, from the same slots. In branch mode, plans serve only what the layers' factor pools do not (per-layer
+weights, fused adapters, deltas with no branch form, spans with too many idle ranks: see :mod:`lorakit.pool`); their
+branches stack the set's factors.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import plan
+from . import plan, pool
 from .control import ControlState
 from .layers import Contribution, LayerState, _signature
 from .scales import ScaleRule
@@ -64,6 +64,8 @@ class ComponentState:
     _plan: plan.SwitchPlan | None = None
     _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # recent plans, oldest first
     _held: tuple | None = None  # a structure key the weights hold without a plan of its own (see hold())
+    _pools: pool.Pools | None = None  # branch mode: the layers' factor pools, grouped (see lorakit.pool)
+    _pooled: bool = False  # the layers run on their pools' groups now (not on a switch plan's branches)
 
     @property
     def index(self) -> ModuleIndex:
@@ -102,8 +104,10 @@ class ComponentState:
     def sync(self) -> None:
         """Bring every layer's weight (and branch) in line with the current state.
 
-        A change of structure (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of
-        weights or call-time scale only reruns the current one (see :mod:`lorakit.plan`)."""
+        In branch mode with uniform weights and nothing fused, any change (a new adapter set included) only points
+        the layers' groups at spans of their factor pools (see :mod:`lorakit.pool`). Otherwise a change of structure
+        (which deltas sit where, fused, mode, enabled) lays out a new switch plan; a change of weights or call-time
+        scale only reruns the current one (see :mod:`lorakit.plan`)."""
         mode, live, fused, key = self._structure()
         if key == self._held:
             return  # the weights already hold this structure, which has no live adapter to rescale (see hold())
@@ -112,9 +116,47 @@ class ComponentState:
         per_path = {j: [rule(path) * self.call_scale for path in self.layers]
                     for j, (_, rule, uniform) in enumerate(live) if uniform is None}
         with gc_paused():
+            if self._switch_pools(mode, live, fused):
+                return
             if self._plan is None or self._plan.key != key:
                 self._plan = self._next_plan(key, mode, live, fused, factors, per_path)
             self._plan.run(factors, per_path)
+
+    def _switch_pools(self, mode: str, live: list, fused: list[FusedEntry]) -> bool:
+        """Branch mode with uniform weights and nothing fused: point the layers' groups at the live adapters' spans
+        of their pools, O(groups) (see :mod:`lorakit.pool`). False where that does not serve (per-layer weights,
+        fused adapters, no live adapter, a delta with no branch form, a span with too many idle ranks): a switch
+        plan then does the work, and the layers leave their groups."""
+        if mode != "branch":
+            self._drop_pools()
+            return False
+        usable = bool(live) and not fused and all(uniform is not None for *_, uniform in live)
+        if usable:
+            param = next(self.model.parameters(), None)
+            key = (tuple(self.adapters), self.version, None if param is None else (param.device, param.dtype))
+            laid_out = self._pools is None or self._pools.key != key
+            if laid_out:
+                self._pools = pool.Pools.layout(key, self.layers.values(), self.adapters)
+            usable = self._pools.groups is not None and self._pools.switch([(n, u) for n, _, u in live])
+        if not usable:
+            if self._pooled:
+                pool.leave(self.layers.values())
+                self._pooled = False
+            return False
+        if laid_out or not self._pooled:
+            self._pools.enter()
+            self._pooled, self._plan = True, None  # a later plan-served structure reattaches its own branches
+        return True
+
+    def _drop_pools(self) -> None:
+        """Leave and free the pools (merge mode has no use for them)."""
+        if self._pooled:
+            pool.leave(self.layers.values())
+            self._pooled = False
+        if self._pools is not None:
+            for layer in self.layers.values():
+                layer.pool = None
+            self._pools = None
 
     def _structure(self) -> tuple[str, list, list[FusedEntry], tuple]:
         """(mode, live adapters, fused entries, the key a switch plan is kept under)."""
@@ -144,6 +186,7 @@ class ComponentState:
     def forget_plans(self) -> None:
         """Drop the current and kept switch plans (after unload: they reference the deltas that were unloaded)."""
         self._plan, self._plans, self._held = None, {}, None
+        self._pools, self._pooled = None, False
 
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
