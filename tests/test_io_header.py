@@ -50,3 +50,31 @@ def test_bad_entry_is_named(tmp_path, bad, match):
     _raw_file(path, {"good": GOOD, "bad": bad}, 32)
     with pytest.raises(LoraFileError, match=match):
         read_safetensors_header(path)
+
+
+def test_kohya_data_section_relaid_out_aligned(tmp_path):
+    """Kohya files interleave 2-byte alphas with the factors: on CUDA the section is relaid out so every tensor
+    sits at a multiple of 32 bytes (the merge kernel's vectorised loads), with the same values."""
+    from lorakit.io import ALIGN_BYTES, BufferViews, aligned_layout, relayout
+    torch.manual_seed(0)
+    sd = {}
+    for i in range(5):
+        sd[f"m{i}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+        sd[f"m{i}.lora_down.weight"] = torch.randn(8, 24).half()
+        sd[f"m{i}.lora_up.weight"] = torch.randn(40, 8).half()
+    sd["z.odd"] = torch.randn(3).half()
+    path = tmp_path / "k.safetensors"
+    save_file(sd, str(path))
+    infos, _ = read_safetensors_header(path)
+    assert any(info.offsets[0] % ALIGN_BYTES for info in infos.values())
+    moved = aligned_layout(infos)
+    raw = path.read_bytes()
+    section = torch.frombuffer(bytearray(raw[8 + struct.unpack("<Q", raw[:8])[0]:]), dtype=torch.uint8)
+    out = relayout(section, infos, moved)
+    views = BufferViews(out, infos, moved)
+    for key, want in sd.items():
+        assert (views[key].data_ptr() - out.data_ptr()) % ALIGN_BYTES == 0, key
+        assert torch.equal(views[key], want), key
+    aligned = tmp_path / "a.safetensors"  # PEFT files (no alphas, sizes of 16k elements) need no relayout
+    save_file({k: v for k, v in sd.items() if k.endswith("weight")}, str(aligned))
+    assert aligned_layout(read_safetensors_header(aligned)[0]) is None

@@ -46,17 +46,60 @@ class TensorInfo(NamedTuple):
     offsets: tuple[int, int] | None = None  # byte range in a file's data section (None for in-memory tensors)
 
 
+ALIGN_BYTES = 32  # where the merge kernel vectorises (16 fp16/bf16 elements)
+
+
+def aligned_layout(infos: Mapping[str, TensorInfo]) -> dict[str, int] | None:
+    """New start offsets that put every tensor of a data section at a multiple of ALIGN_BYTES, moving runs of
+    tensors that are contiguous and aligned among themselves together; None when the file is aligned already.
+
+    Kohya files interleave each module's 2-byte ``.alpha`` with its factors, leaving the factors at odd offsets:
+    views there would cost the merge kernel its vectorised loads (see kernels.py)."""
+    spans = sorted((info.offsets[0], info.offsets[1], key) for key, info in infos.items() if info.offsets)
+    if all(start % ALIGN_BYTES == 0 for start, _, _ in spans):
+        return None
+    moved, at, shift = {}, 0, 0
+    prev_end = None
+    for start, end, key in spans:
+        if prev_end is None or start != prev_end or (start + shift) % ALIGN_BYTES:  # a new run starts here
+            new_start = -(-at // ALIGN_BYTES) * ALIGN_BYTES
+            shift = new_start - start
+        moved[key] = start + shift
+        at = end + shift
+        prev_end = end
+    return moved
+
+
+def relayout(buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mapping[str, int]) -> torch.Tensor:
+    """``buffer`` (a data section) copied to the offsets of :func:`aligned_layout`: one multi-tensor copy of its
+    runs of contiguous tensors."""
+    size = max(moved[key] + info.offsets[1] - info.offsets[0] for key, info in infos.items() if info.offsets)
+    out = torch.empty(-(-size // ALIGN_BYTES) * ALIGN_BYTES, dtype=torch.uint8, device=buffer.device)
+    runs: list[list[int]] = []  # [old start, old end, new start]
+    for key, info in sorted(((k, i) for k, i in infos.items() if i.offsets), key=lambda item: item[1].offsets[0]):
+        start, end = info.offsets
+        if runs and runs[-1][1] == start and moved[key] - runs[-1][2] == start - runs[-1][0]:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, moved[key]])
+    torch._foreach_copy_([out[new:new + end - start] for start, end, new in runs],
+                         [buffer[start:end] for start, end, _ in runs])
+    return out
+
+
 class BufferViews(Mapping[str, torch.Tensor]):
     """A file's tensors as views into its data section, each made when first asked for (a hotswap that copies the
-    whole section needs none of them)."""
+    whole section needs none of them). ``moved``: start offsets of a relaid-out section (see aligned_layout)."""
 
-    def __init__(self, buffer: torch.Tensor, infos: Mapping[str, TensorInfo]):
-        self.buffer, self.infos, self._made = buffer, infos, {}
+    def __init__(self, buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mapping[str, int] | None = None):
+        self.buffer, self.infos, self.moved, self._made = buffer, infos, moved, {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         made = self._made.get(key)
         if made is None:
             dtype, shape, (start, end) = self.infos[key]
+            if self.moved is not None:
+                start, end = self.moved[key], self.moved[key] + end - start
             raw = self.buffer[start:end]
             if start % dtype.itemsize:  # misaligned for a view: copy this one tensor
                 raw = raw.clone()
@@ -104,7 +147,10 @@ class LoraSource:
         with open(self.path, "rb") as fh:
             data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
         self.buffer = read_to_device(self.path, data_start, self.size_bytes - data_start, device)
-        return BufferViews(self.buffer, self.infos)
+        moved = aligned_layout(self.infos) if device.type == "cuda" else None
+        if moved is not None:  # (CUDA: the merge kernel reads factors where they are; one device copy, ~0.1 ms)
+            self.buffer = relayout(self.buffer, self.infos, moved)
+        return BufferViews(self.buffer, self.infos, moved)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
