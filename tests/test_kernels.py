@@ -126,7 +126,10 @@ def case(specs, odd):
     mults[:, -1] = 1
     mults[-1, -1] = 0  # not flagged: left as it is
     tables, bad = k.group_tables(layers, arena)
-    assert tables is not None and tables.width == 3 and bad == [] and tables.aligned == (not odd), (odd, bad)
+    if odd:  # factors off alignment, or ranks not multiples of 16: the layers at fault, for the chunk route
+        assert tables is None and bad == list(range(len(specs))), bad
+        return layers
+    assert tables is not None and tables.width == 3 and bad == [], bad
     k.merge_group(tables, mults)
     for i, ((weight, _, _), want) in enumerate(zip(tensors, wants)):
         got = weight.reshape(weight.shape[0], -1).float()
@@ -191,8 +194,10 @@ def test_compiled_group_kernel_matches_addmm(dtype, odd):
                       + [a for (u, d), r in zip(factors, ranks) for a in (u.data_ptr(), d.data_ptr(), r)])
         tensors.append((weight, base, factors))
     mults[:, -1] = 1
-    tables, _ = k.group_tables(layers, tensors[0][0])
-    assert tables.aligned == (not odd)
+    tables, bad = k.group_tables(layers, tensors[0][0])
+    if odd:  # left to the chunk route
+        assert tables is None and bad == list(range(len(specs)))
+        return
     k.merge_group(tables, mults)
     for i, (weight, base, factors) in enumerate(tensors):
         m = weight.shape[0]

@@ -232,14 +232,14 @@ class Segment:
 
 def kernel_factors(dtype: torch.dtype, device: torch.device, deltas: Iterable[WeightDelta]) -> list[tuple] | None:
     """The deltas' :func:`factor_addresses` where the group kernel can merge them into a weight of this dtype on
-    this device (factors in the weight's dtype beside it), else None. Plans ask this for ~1000
+    this device (ranks of 16k, factors in the weight's dtype beside it), else None. Plans ask this for ~1000
     layers: a few lookups each."""
     out = []
     for d in deltas:
         known = d.__dict__.get("_addresses", False)
         if known is False:
             known = factor_addresses(d)
-        if known is None or known[3] != dtype or known[4] != device:
+        if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
             return None
         out.append(known)
     return out

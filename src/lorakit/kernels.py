@@ -70,8 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _group_kernel(anchor, table, mults, LAYERS, WIDTH, MULTS_WIDTH,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr,
-                      FACTORS_ALIGNED: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr):
         # One program per tile of any layer of the group. The layers differ in shape and adapters: each has a row of
         # ``table`` (see group_tables) whose first column is its first tile; a binary search over that column
         # finds this program's layer (SEARCH steps: 2**SEARCH > LAYERS).
@@ -99,15 +98,11 @@ if triton is not None:
             held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(adapters):
-                up_at = tl.load(row + 6 + 3 * j)
-                down_at = tl.load(row + 7 + 3 * j)
-                rank = tl.load(row + 8 + 3 * j)
-                if FACTORS_ALIGNED:  # (kohya files interleave 2-byte alphas: their factors sit at odd offsets)
-                    up_at = tl.multiple_of(up_at, 16)
-                    down_at = tl.multiple_of(down_at, 16)
-                    rank = tl.multiple_of(rank, 16)
-                up = anchor + up_at
-                down = anchor + down_at
+                # (factors off alignment would need scalar loads: a variant that had them took a 4-adapter SDXL
+                # switch from ~12 to ~55 ms; such layers take the chunk route, see group_tables)
+                up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
+                down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
+                rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
                 scale = tl.load(weights + j)
                 for k in range(0, rank, BLOCK_K):
                     kk = k + tl.arange(0, BLOCK_K)
@@ -199,7 +194,6 @@ class GroupTables:
     table: torch.Tensor  # int64 [layers, 6 + 3 * width], on the device
     tiles: int
     width: int  # adapters per layer, at most
-    aligned: bool  # every factor address and rank a multiple of 16: the kernel's vectorised variant
 
 
 # One layer: [M, N, weight address, backup address, adapters, (up address, down address, rank) per adapter]
@@ -226,11 +220,10 @@ def _address_columns(width: int) -> torch.Tensor:
 def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[GroupTables | None, list[int]]:
     """``(tables, [])`` for ``[M, N, weight address, backup address, adapters, (up address, down address, rank) per
     adapter]`` of each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on
-    its device: the caller checks); ``(None, misaligned layers)`` where an address is not a multiple of 16 elements
-    away from ``anchor``'s for a weight or a backup; ``(None, [])`` where ``N`` is not a multiple of 16. Alignment
-    lets the kernel vectorise its loads and stores; factors (and ranks) off it take a variant that does not (see
-    :func:`_group_kernel`). The caller checks :func:`ready` before merging (False off CUDA: tests run the kernel
-    under Triton's interpreter)."""
+    its device: the caller checks); ``(None, the layers at fault)`` where an address is not a multiple of 16
+    elements away from ``anchor``'s or a rank not a multiple of 16; ``(None, [])`` where ``N`` is not a multiple of
+    16. Alignment lets the kernel vectorise its loads and stores (see :func:`_group_kernel`). The caller checks
+    :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
     if triton is None or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
             or anchor.data_ptr() % 16:
         return None, []
@@ -238,17 +231,13 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     table, tiles, width = _table(layers, origin)
     where = _address_columns(width)
     offsets = table[:, where] - origin
-    if bool((offsets % anchor.itemsize).any()):
-        return None, (offsets % anchor.itemsize).any(1).nonzero().flatten().tolist()
-    misaligned = offsets % (16 * anchor.itemsize) != 0
-    bad = misaligned[:, :2].any(1)  # weights and backups must be aligned; factors may not be
+    bad = (offsets % (16 * anchor.itemsize)).any(1) | (table[:, 8::3] % 16).any(1)
     if bool(bad.any()):
         return None, bad.nonzero().flatten().tolist()
     if bool((table[:, 2] % 16).any()):
         return None, []
-    aligned = not bool(misaligned.any()) and not bool((table[:, 8::3] % 16).any())
     table[:, where] = offsets // anchor.itemsize
-    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), tiles, width, aligned), []
+    return GroupTables(anchor, table.to(anchor.device, non_blocking=True), tiles, width), []
 
 
 def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
@@ -259,8 +248,7 @@ def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
     with torch.cuda.device(tables.anchor.device) if on_gpu else contextlib.nullcontext():
         _group_kernel[(tables.tiles,)](
             tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, FACTORS_ALIGNED=tables.aligned,
-            num_warps=NUM_WARPS)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, num_warps=NUM_WARPS)
 
 
 def ready(device: torch.device, dtype: torch.dtype) -> bool:
@@ -286,11 +274,10 @@ def _compile(device: torch.device, dtype: torch.dtype, kind: str) -> None:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
             w = torch.zeros(2, 16, 16, dtype=dtype, device=device)  # sizes divisible by 16, as the kernels ask
             up = torch.zeros(2, 16, 16, dtype=dtype, device=device)
-            if kind == "group":  # both variants: factors aligned, and not (rank 8 here)
-                for rank in (16, 8):
-                    tables, _ = group_tables([[16, 16, w[0].data_ptr(), w[1].data_ptr(), 1, up[0].data_ptr(),
-                                               up[1].data_ptr(), rank]], w)
-                    merge_group(tables, torch.zeros(1, 2, device=device))
+            if kind == "group":
+                tables, _ = group_tables([[16, 16, w[0].data_ptr(), w[1].data_ptr(), 1, up[0].data_ptr(),
+                                           up[1].data_ptr(), 16]], w)
+                merge_group(tables, torch.zeros(1, 2, device=device))
             else:
                 merge(list(w), list(w), up, up)
             torch.cuda.current_stream().synchronize()
