@@ -6,8 +6,9 @@ activated, fused, deleted; mode or enabled flipped) and records, per layer, its 
 multiplier (fused) or a column of the live adapters' factor table. A multiplier-only switch is then::
 
     factors F [layers, live adapters + 1]      (uniform weights: a broadcast; block weights: one value per layer)
-    merge:  per chunk of same-shaped layers    m = static * F[rows, cols]  ->  one transfer, and on CUDA one launch
-            of the group kernel for every chunk that changed (batched.Segment), else batched.merge_chunk per chunk
+    merge:  on CUDA (fp16/bf16), for all layers the group kernel takes: m = static * F[rows, cols], compared
+            with what was last written, -> one transfer and ONE launch for every layer that changed (_KernelPart);
+            the rest per chunk of same-shaped layers, the same way -> batched.merge_chunk per chunk that changed
     branch: per device/dtype, one buffer that every layer's per-rank scale vector is a view of
             buffer = static_per_rank * F[rank_rows, rank_cols]
 
