@@ -202,26 +202,27 @@ class ComponentState:
             built = plan.build_merged(key, self.layers, [name for name, _, _ in live], fused, factors, per_path,
                                       resolve)
         else:
-            built = plan.build(key, self._slots(True, live, fused), factors, per_path, resolve)
+            built = plan.build(key, self._branch_slots(live, fused), factors, per_path, resolve)
         self._plans = {k: p for k, p in self._plans.items() if k[4] == self.version}  # drop plans of old layers
         self._plans[key] = built
         while len(self._plans) > KEPT_PLANS:
             self._plans.pop(next(iter(self._plans)))
         return built
 
-    def _slots(self, branch_mode: bool, live: list[tuple[str, ScaleRule, float | None]],
-               fused: list[FusedEntry]) -> list[tuple[str, LayerState, list[plan.Slot], list[plan.Slot]]]:
-        """Per layer: the slots merged into its weight and those run as its branch."""
+    def _branch_slots(self, live: list[tuple[str, ScaleRule, float | None]],
+                      fused: list[FusedEntry]) -> list[tuple[str, LayerState, list[plan.Slot], list[plan.Slot]]]:
+        """Per layer, in branch mode: the slots merged into its weight and those run as its branch (merge mode lays
+        its plans out in one pass: plan.build_merged)."""
         items = []
         names = [(j, name) for j, (name, _, _) in enumerate(live)]
         for path, layer in self.layers.items():
             merged = [plan.Slot(*f.contributions[path], -1) for f in fused if path in f.contributions] if fused else []
             deltas = layer.deltas
             mine = [plan.Slot(d, d.scale, j) for j, name in names if (d := deltas.get(name)) is not None]
-            if branch_mode and all(s.delta.additive for s in merged + mine):
+            if all(s.delta.additive for s in merged + mine):
                 branch = [s for s in mine if s.delta.low_rank() is not None]
                 merged += [s for s in mine if s.delta.low_rank() is None]  # full-rank deltas have no cheap branch
-            else:  # merge mode, or a non-additive algorithm here: it transforms the sum of everything else
+            else:  # a non-additive algorithm here: it transforms the sum of everything else
                 merged, branch = merged + mine, []
             items.append((path, layer, merged, branch))
         return items
