@@ -292,3 +292,35 @@ def test_same_keys_at_other_offsets_do_not_take_the_buffer_copy(tmp_path, monkey
     lorakit.attach(fresh)
     fresh.load_lora_weights(other, adapter_name="a")
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["merge", "branch"])
+def test_hotswap_of_a_denoiser_only_file_into_a_full_adapter(mode, tmp_path):
+    """A checkpoint that reaches fewer components than the adapter (a denoiser-only file into an adapter with text
+    encoders): the denoiser's deltas take the new values in place, the adapter leaves the text encoder, whose
+    weights come back bit-exactly; the result equals loading that file fresh, and the next swap of the same layout
+    stays in place."""
+    fam = family("sd15")
+    pipe = fam.build()
+    base_te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    manager = lorakit.attach(pipe, mode=mode)
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, rank=8), adapter_name="slot")
+    deltas = dict(manager.adapters["slot"].layers["unet"])
+    unet_only = lora_state_dict(pipe, fam, 2, rank=8, text_encoders=False)
+    pipe.load_lora_weights(write(unet_only, tmp_path / "unet.safetensors"), adapter_name="slot", hotswap=True)
+    # the same delta objects: the values were copied in place
+    assert all(deltas[p] is d for p, d in manager.adapters["slot"].layers["unet"].items())
+    assert pipe.get_list_adapters() == {"unet": ["slot"]}
+    assert not manager.states["text_encoder"].layers
+    # the parameters themselves (what runs), not only what state_dict reports
+    assert all(torch.equal(p, base_te[name]) for name, p in pipe.text_encoder.named_parameters())
+    fresh = fam.build()
+    lorakit.attach(fresh, mode=mode)
+    fresh.load_lora_weights(dict(unet_only), adapter_name="slot")
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+    again = lora_state_dict(pipe, fam, 3, rank=8, text_encoders=False)
+    pipe.load_lora_weights(dict(again), adapter_name="slot", hotswap=True)
+    assert all(deltas[p] is d for p, d in manager.adapters["slot"].layers["unet"].items())
+    fresh.load_lora_weights(dict(again), adapter_name="slot", hotswap=True)
+    assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)

@@ -59,6 +59,21 @@ def matching_pairs(old: Adapter, new: Adapter) -> list[tuple[WeightDelta, Weight
     return pairs
 
 
+def matching_subset(old: Adapter, new: Adapter) -> tuple[list[tuple[WeightDelta, WeightDelta]], list[str]] | None:
+    """For a new adapter that reaches only some of the components the old one reaches, each exactly as the old one
+    did (same modules, same layouts: a denoiser-only checkpoint of a run that also trained the text encoders):
+    ``(old/new delta pairs there, the components it leaves)``; else None."""
+    reached = {c: set(m) for c, m in new.layers.items() if m}
+    held = {c: set(m) for c, m in old.layers.items() if m}
+    left = [c for c in held if c not in reached]
+    if not reached or not left or any(held.get(c) != modules for c, modules in reached.items()):
+        return None
+    pairs = [(old.layers[c][p], new.layers[c][p]) for c, modules in new.layers.items() for p in modules]
+    if any(layout(a) != layout(b) for a, b in pairs):
+        return None
+    return pairs, left
+
+
 @torch.no_grad()
 def swap_values(adapter: Adapter, pairs: list[tuple[WeightDelta, WeightDelta]], states: list[ComponentState]) -> None:
     """Copy each new delta's tensors into the old one (``adapter``'s, every module of it), then :func:`refresh`."""

@@ -222,6 +222,16 @@ class LoraManager:
             swapping.swap_values(old, pairs, list(self.states.values()))
             old.format, old.layout, old.alphas = new.format, new.layout, new.alphas  # (its buffer, if any, stays)
             return self._swapped(old, new.source, new.metadata)
+        subset = swapping.matching_subset(old, new)
+        if subset is not None:  # the same layout in fewer components: in place there, the adapter leaves the rest
+            pairs, left = subset
+            swapping.swap_values(old, pairs, list(self.states.values()))
+            for comp in left:
+                self._leave(adapter_name, self.states[comp])
+            kept = {id(t) for modules in old.layers.values() for d in modules.values() for t in d.leaves()}
+            old.origins = [(t, key) for t, key in old.origins if id(t) in kept]  # (for the next tensor-copy swap)
+            old.format, old.layout, old.alphas = new.format, new.layout, new.alphas
+            return self._swapped(old, new.source, new.metadata)
         batched.forget(d for modules in old.layers.values() for d in modules.values())
         for comp, modules in old.layers.items():  # drop the old deltas...
             for path in modules:
@@ -247,6 +257,19 @@ class LoraManager:
             state.version += 1
             state.sync()
         return adapter_name
+
+    def _leave(self, name: str, state: ComponentState) -> None:
+        """A hotswap's adapter leaves a component its new file does not reach (as a new structure would: no other
+        adapter is activated in its place), restoring what it held there."""
+        for path in self.adapters[name].layers.get(state.name, {}):
+            state.layers[path].deltas.pop(name, None)
+        self._forget(name, state.name)
+        state.adapters.remove(name)
+        state.active = [a for a in state.active if a != name]
+        state.rules.pop(name, None)
+        self._prune(state)
+        state.version += 1
+        state.sync()
 
     def _swapped(self, adapter: Adapter, source: str, metadata: Mapping[str, str]) -> str:
         """Finish a hotswap that changed ``adapter``'s values in place."""
