@@ -24,8 +24,10 @@ Triton, for dtypes other than fp16/bf16 (fp32 stays on cuBLAS: no TF32 rounding)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -213,8 +215,10 @@ def _table(layers: Sequence[Addresses], origin: int) -> tuple[torch.Tensor, int,
     width = max(row[4] for row in layers)
     full = 5 + 3 * width
     pad = [origin, origin, 16] * width  # (padding: aligned, never read)
-    table = torch.tensor([row if len(row) == full else row + pad[:full - len(row)] for row in layers],
-                         dtype=torch.int64)
+    # (through an array: twice as fast as torch.tensor of nested lists, ~1000 rows at every plan layout)
+    flat = array("q", itertools.chain.from_iterable(row if len(row) == full else row + pad[:full - len(row)]
+                                                    for row in layers))
+    table = torch.frombuffer(flat, dtype=torch.int64).view(len(layers), full)
     tiles = (table[:, 0] + BLOCK_M - 1) // BLOCK_M * ((table[:, 1] + BLOCK_N - 1) // BLOCK_N)
     first = torch.cumsum(tiles, 0) - tiles
     return torch.cat([first[:, None], table], 1), int(tiles.sum()), width

@@ -155,17 +155,26 @@ class _KernelPart:
         self.stale[members] = True
 
 
+# build_merged's record of one layer the group kernel takes: (layer, its deltas, its row of F, their columns, their
+# static multipliers, its addresses (see kernels.group_tables), whether it holds them already)
+_Member = tuple[LayerState, list[WeightDelta], int, list[int], list[float], list[int], bool]
+
+
 @dataclass
 class _KernelMembers:
-    """build_merged's collection of a kernel part's members, column by column."""
+    """A kernel part's members, column by column."""
 
-    layers: list[LayerState] = field(default_factory=list)
-    deltas: list[list[WeightDelta]] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    cols: list[list[int]] = field(default_factory=list)
-    static: list[list[float]] = field(default_factory=list)
-    addresses: list[list[int]] = field(default_factory=list)  # see kernels.group_tables
-    clean: list[bool] = field(default_factory=list)
+    layers: list[LayerState]
+    deltas: list[list[WeightDelta]]
+    rows: list[int]
+    cols: list[list[int]]
+    static: list[list[float]]
+    addresses: list[list[int]]
+    clean: list[bool]
+
+    @classmethod
+    def of(cls, members: list[_Member]) -> _KernelMembers:
+        return cls(*map(list, zip(*members)))
 
 
 @dataclass
@@ -334,9 +343,9 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
     plan = SwitchPlan(key, paths)
     values = _factor_table(len(paths), factors, per_path).tolist()
     general: list[tuple[int, LayerState, list[Slot], list[Slot]]] = []
-    kernel: dict[tuple, _KernelMembers] = {}
+    kernel: dict[tuple, list[_Member]] = {}
     columns = list(enumerate(live))
-    devices = _KernelDevices()
+    devices: dict[tuple, bool] = {}  # (device, dtype) -> batched.kernel_devices
     for row, (path, layer) in enumerate(layers.items()):
         deltas = layer.deltas
         if fused:
@@ -352,7 +361,11 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
                     cols.append(j)
         place = batched._placement(layer) if ds else None
         known = None
-        if place is not None and (place[2], place[1]) in devices:
+        if place is not None:
+            at_place = devices.get((place[2], place[1]))
+            if at_place is None:
+                at_place = devices[place[2], place[1]] = batched.kernel_devices(place[2], place[1])
+        if place is not None and at_place:
             shape = place[0]
             m, n = shape[0], shape.numel() // shape[0]
             known = batched.kernel_factors(place[1], place[2], ds) if n % 16 == 0 else None
@@ -377,15 +390,10 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
             addresses += k[:3]
         into = kernel.get((place[2], place[1]))
         if into is None:
-            into = kernel[place[2], place[1]] = _KernelMembers()
-        into.layers.append(layer)
-        into.deltas.append(ds)
-        into.rows.append(row)
-        into.cols.append(cols)
-        into.static.append(static)
-        into.addresses.append(addresses)
-        into.clean.append(clean)
-    for members in kernel.values():
+            into = kernel[place[2], place[1]] = []
+        into.append((layer, ds, row, cols, static, addresses, clean))
+    for collected in kernel.values():
+        members = _KernelMembers.of(collected)
         part, rejected = _KernelPart.lay_out(members)
         if part is not None:
             plan.kernel.append(part)
@@ -393,17 +401,6 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
             members.deltas[i], members.static[i], members.cols[i])], []) for i in rejected]
     _lay_out(plan, general, values, resolve)
     return plan
-
-
-class _KernelDevices(dict):
-    """``(device, dtype) in this``: batched.kernel_devices, asked once per pair."""
-
-    def __missing__(self, key: tuple) -> bool:
-        self[key] = batched.kernel_devices(*key)
-        return self[key]
-
-    def __contains__(self, key: object) -> bool:
-        return self[key]
 
 
 def _lay_out(plan: SwitchPlan, items: list[tuple[int, LayerState, list[Slot], list[Slot]]],
