@@ -167,3 +167,39 @@ def test_group_kernel_in_switch_plans_interpreted():
     done = subprocess.run([sys.executable, "-c", SEGMENT_PROBE, str(Path(__file__).parent)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
+
+
+def test_kernel_parts_fall_back_while_the_kernel_compiles(batched_on_cpu, monkeypatch):
+    """Until the group kernel is compiled (or when a weight moved), a plan's kernel part writes its layers through
+    the batched BLAS route: the same weights as a plan without kernel parts, through switches, a hotswap, a switch
+    back to a kept plan and a fuse; unload restores bit-exactly."""
+    pytest.importorskip("triton")
+    from lorakit import kernels
+    monkeypatch.setattr(kernels, "ready", lambda device, dtype: False)
+    dtype = torch.float16
+    fam = family("sd15")
+    pipes = [fam.build(dtype), fam.build(dtype)]
+    files = [{k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, seed, rank=16).items()} for seed in (1, 2)]
+    new = {k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, 9, rank=16).items()}
+    managers = [lorakit.attach(pipe, mode="merge") for pipe in pipes]
+    for pipe in pipes:
+        pipe.enable_lora_hotswap(target_rank=16)
+    steps = [lambda p: [p.load_lora_weights(dict(sd), adapter_name=f"a{i}") for i, sd in enumerate(files)],
+             lambda p: p.set_adapters(["a0", "a1"], [0.7, -0.4]),
+             lambda p: p.load_lora_weights(dict(new), adapter_name="a0", hotswap=True),
+             lambda p: p.set_adapters("a1", 0.5),
+             lambda p: p.set_adapters(["a0", "a1"], [0.3, 0.9]),  # back to a kept plan
+             lambda p: p.fuse_lora(adapter_names=["a1"])]
+    for step in steps:
+        for i, pipe in enumerate(pipes):
+            monkeypatch.setattr(batched, "KERNEL_DEVICES", ("cpu",) if i == 0 else ())
+            step(pipe)
+        assert any(state._plan.kernel for state in managers[0].states.values())  # the kernel parts were laid out
+        for name, p in pipes[0].unet.named_parameters():
+            assert torch.equal(p, pipes[1].unet.get_parameter(name)), name
+    base = fam.build(dtype).unet
+    for pipe in pipes:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        for name, p in pipe.unet.named_parameters():
+            assert torch.equal(p, base.get_parameter(name)), name
