@@ -57,7 +57,7 @@ def test_new_sets_run_on_views_of_the_pools_and_match_peft():
             assert len(st._pools.groups) == 1  # every adapter targets the same layers: one group per component
             for layer in st.layers.values():
                 (a, b), pool = layer.branch, layer.pool
-                assert shares(a, pool.down) and shares(b, pool.up)
+                assert shares(a, pool.down) and shares(b, pool.up_t)
                 first, last = NAMES.index(names[0]), NAMES.index(names[-1])
                 assert a.shape[0] == pool.offsets[last] + 4 - pool.offsets[first]
 

@@ -1,9 +1,11 @@
 """Branch mode's factor pools: a new adapter set runs on views of factors laid out at load time, with no restacking.
 
 Each targeted layer keeps the LoRA factors of every adapter loaded on it in one :class:`Pool`, rank after rank in the
-component's load order: ``down [C, in*kh*kw]`` and ``up [out, C]``. A set whose adapters occupy ranks
-``start:stop`` runs on ``down[start:stop]`` and ``up[:, start:stop]``: views, no copy (the expand reads the up view
-as a transposed operand with leading dimension ``C``, which BLAS takes as it is). Adapters inside the span that are not in the set get multiplier 0, so a
+component's load order: ``down [C, in*kh*kw]`` and ``up_t [C, out]``. A set whose adapters occupy ranks
+``start:stop`` runs on ``down[start:stop]`` and ``up_t[start:stop]`` (held transposed, ``[C, out]``): views, no
+copy (the expand reads the up view as a plain ``[R, out]`` operand). Transposed, a load writes only the pages of its
+own ranks: an ``[out, C]`` layout with room for later adapters touched every page of the pool at the first load (a
+first-touch page fault per 4 KiB: ~55 ms of an SD1.5 load, benchmarks/cpu_load.py). Adapters inside the span that are not in the set get multiplier 0, so a
 span is used only while those idle ranks are no more than the active ones; otherwise (and for per-layer multipliers
 or fused adapters) the component runs on a switch plan that stacks the set's factors (:mod:`lorakit.plan`).
 
@@ -48,7 +50,7 @@ class Pool:
     """The factors of every adapter on one layer, rank after rank: ``entries[i]`` holds ranks ``offsets[i]:...``."""
 
     down: torch.Tensor  # [capacity, in*kh*kw]
-    up: torch.Tensor  # [out, capacity]
+    up_t: torch.Tensor  # [capacity, out]: the up factors, transposed
     kernel: tuple[int, ...] | None  # a conv weight's [in, kh, kw]: views are shaped for F.conv2d
     entries: list[Entry] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
@@ -58,12 +60,12 @@ class Pool:
     def empty(cls, module: nn.Module) -> Pool:
         w = module._parameters["weight"]
         kernel = tuple(w.shape[1:]) if isinstance(module, nn.Conv2d) else None
-        return cls(w.new_empty(0, w[0].numel()), w.new_empty(w.shape[0], 0), kernel)
+        return cls(w.new_empty(0, w[0].numel()), w.new_empty(0, w.shape[0]), kernel)
 
     def fits(self, module: nn.Module) -> bool:
         """Whether the pool still matches the layer's weight (placement, dtype, shape: a moved or widened layer)."""
         w = module._parameters["weight"]
-        return (self.down.device == w.device and self.down.dtype == w.dtype and self.up.shape[0] == w.shape[0]
+        return (self.down.device == w.device and self.down.dtype == w.dtype and self.up_t.shape[1] == w.shape[0]
                 and self.down.shape[1] == w[0].numel())
 
     @torch.no_grad()
@@ -90,10 +92,10 @@ class Pool:
 
     def _grow(self, capacity: int) -> None:
         down = self.down.new_empty(capacity, self.down.shape[1])
-        up = self.up.new_empty(self.up.shape[0], capacity)
+        up_t = self.up_t.new_empty(capacity, self.up_t.shape[1])
         down[:self.used].copy_(self.down[:self.used])
-        up[:, :self.used].copy_(self.up[:, :self.used])
-        self.down, self.up = down, up
+        up_t[:self.used].copy_(self.up_t[:self.used])
+        self.down, self.up_t = down, up_t
 
     @torch.no_grad()
     def write(self, i: int) -> None:
@@ -102,7 +104,7 @@ class Pool:
         start = self.offsets[i]
         stop = start + down.shape[0]
         self.down[start:stop].copy_(down)
-        self.up[:, start:stop].copy_(up)
+        self.up_t[start:stop].copy_(up.t())
 
     def refresh(self, swapped: frozenset[int]) -> None:
         """Rewrite the entries whose deltas' values changed in place (a hotswap)."""
@@ -115,7 +117,7 @@ class Pool:
         them; None for an empty span."""
         if start == stop:
             return None
-        down, up = self.down[start:stop], self.up[:, start:stop]
+        down, up = self.down[start:stop], self.up_t[start:stop].t()
         if self.kernel is not None:
             return down.view(stop - start, *self.kernel), up[:, :, None, None]
         return down, up
