@@ -5,9 +5,10 @@ component's load order: ``down [C, in*kh*kw]`` and ``up_t [C, out]``. A set whos
 ``start:stop`` runs on ``down[start:stop]`` and ``up_t[start:stop]`` (held transposed, ``[C, out]``): views, no
 copy (the expand reads the up view as a plain ``[R, out]`` operand). Transposed, a load writes only the pages of its
 own ranks: an ``[out, C]`` layout with room for later adapters touched every page of the pool at the first load (a
-first-touch page fault per 4 KiB: ~55 ms of an SD1.5 load, benchmarks/cpu_load.py). Adapters inside the span that are not in the set get multiplier 0, so a
-span is used only while those idle ranks are no more than the active ones; otherwise (and for per-layer multipliers
-or fused adapters) the component runs on a switch plan that stacks the set's factors (:mod:`lorakit.plan`).
+first-touch page fault per 4 KiB: ~55 ms of an SD1.5 load, benchmarks/cpu_load.py). Adapters inside the span
+that are not in the set get multiplier 0, so a span is used only while those idle ranks are no more than the active
+ones; otherwise (and for per-layer multipliers or fused adapters) the component runs on a switch plan that stacks the
+set's factors (:mod:`lorakit.plan`).
 
 Layers whose pools hold the same adapters with the same ranks and scales (the common case: LoRAs target the same
 layers) share one :class:`Group`: its span and its per-rank multiplier vector. A switch rewrites each group's span
