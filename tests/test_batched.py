@@ -44,7 +44,8 @@ def _reference_key(layer, contributions):
     """batch_key's definition, worked out from scratch (no cache): what every plan build must group by."""
     w = layer.weight
     if (not contributions or layer.base_bias is not None or w.device.type not in batched.DEVICES
-            or not w.is_contiguous() or (layer.base is not None and layer.base.device != w.device)):
+            or not w.is_contiguous() or (layer.base is not None and layer.base.device != w.device)
+            or (layer.base is None and layer.backup_device not in (None, w.device))):
         return None
     if any(not d.additive or d.low_rank() is None for d, _ in contributions):
         return None
@@ -95,6 +96,11 @@ def test_batch_keys_follow_the_layers(batched_on_cpu, monkeypatch):
     for layer in layers[::2]:
         layer.base = layer.weight.detach().to("meta")  # a backup elsewhere (backup_device=): per-layer writes
     check("backups on another device")
+    for layer in layers[::2]:
+        layer.base, layer.backup_device = None, torch.device("meta")  # attach(backup_device=): not taken yet
+    check("backups to be taken on another device")
+    layers[0].take_backup()
+    assert layers[0].base.device.type == "meta"  # where backup_device says, whichever path takes it
 
 
 SEGMENT_PROBE = r'''

@@ -118,16 +118,18 @@ def batch_key(layer: LayerState, contributions: list[Contribution]) -> tuple | N
 
 def _placement(layer: LayerState) -> tuple | None:
     """``(shape, dtype, device, large)`` of a layer batched merging can write (a contiguous weight on a batching
-    device, its backup on the same device, no bias backup), else None; kept on the layer until its weight's storage
-    or the module's settings change or a backup is taken or dropped (a backup, once taken, stays where it is)."""
-    token = (layer.weight.data_ptr(), layer.base is None, layer.base_bias is None, DEVICES, LARGE_ELEMENTS)
+    device, its backup on the same device or to be taken there, no bias backup), else None; kept on the layer until
+    its weight's storage or the module's settings change or a backup is taken or dropped (a backup, once taken,
+    stays where it is)."""
+    token = (layer.weight.data_ptr(), layer.base is None, layer.base_bias is None, layer.backup_device, DEVICES,
+             LARGE_ELEMENTS)
     cached = layer._placement
     if cached is not None and cached[0] == token:
         return cached[1]
     shape, dtype, device, compute, contiguous = layer.facts()
     place = None
     if (layer.base_bias is None and device.type in DEVICES and contiguous
-            and (layer.base is None or layer.base.device == device)):
+            and (layer.base.device if layer.base is not None else layer.backup_device or device) == device):
         place = (shape, dtype, device, shape.numel() >= LARGE_ELEMENTS and dtype == compute)
     layer._placement = (token, place)
     return place
@@ -183,8 +185,7 @@ def write_many(items: list[tuple[LayerState, list[Contribution]]]) -> None:
         if key is None:
             layer.write(contributions)
             continue
-        if layer.base is None:
-            layer.base = layer.weight.detach().clone()
+        layer.take_backup()
         groups[key].append((layer, contributions, signature))
     if restores:
         restore(restores)

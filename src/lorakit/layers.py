@@ -136,6 +136,12 @@ class LayerState:
             self.base_bias = b.to(self.backup_device or b.device, copy=True)
         b.copy_(self.base_bias if new is None else new)  # no bias delta left: exact restore
 
+    def take_backup(self) -> None:
+        """The exact copy of the weight, taken before its first change, where ``backup_device`` says."""
+        if self.base is None:
+            w = self.weight.detach()
+            self.base = w.to(self.backup_device or w.device, copy=True)
+
     @torch.no_grad()
     def write(self, contributions: list[Contribution]) -> None:
         """Make the weight hold exactly these contributions (a no-op when it already does)."""
@@ -143,8 +149,8 @@ class LayerState:
         if signature == self.applied:
             return
         w = self.weight.detach()
-        if contributions and self.base is None:
-            self.base = w.to(self.backup_device or w.device, copy=True)
+        if contributions:
+            self.take_backup()
         if not contributions:
             if self.base is not None:
                 w.copy_(self.base)  # exact restore

@@ -377,15 +377,13 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
         static = [s.static for s in slots] if slots is not None else [k[5] for k in known]
         if layer.branch is not None:
             layer.set_branch([])
-        w = layer.weight
-        if layer.base is None:
-            layer.base = w.detach().clone()
+        layer.take_backup()
         held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
         clean = False
         if held is not None and len(held) == len(ds):
             at = values[row]
             clean = held == tuple((id(d), v * at[c]) for d, v, c in zip(ds, static, cols))
-        addresses = [m, n, w.data_ptr(), layer.base.data_ptr(), len(ds)]
+        addresses = [m, n, layer.weight.data_ptr(), layer.base.data_ptr(), len(ds)]
         for k in known:
             addresses += k[:3]
         into = kernel.get((place[2], place[1]))
@@ -426,8 +424,7 @@ def _lay_out(plan: SwitchPlan, items: list[tuple[int, LayerState, list[Slot], li
         if group is None:
             plan.singles.append((row, layer, merged))
             continue
-        if layer.base is None:
-            layer.base = layer.weight.detach().clone()
+        layer.take_backup()
         held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
         clean = held is not None and len(held) == len(contributions) and held == _signature(contributions)
         groups[group].append((row, layer, merged, contributions, clean))
