@@ -241,9 +241,7 @@ def kernel_factors(dtype: torch.dtype, device: torch.device, deltas: Iterable[We
     layers: a few lookups each."""
     out = []
     for d in deltas:
-        known = d.__dict__.get("_addresses", False)
-        if known is False:
-            known = factor_addresses(d)
+        known = factor_addresses(d)
         if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
             return None
         out.append(known)

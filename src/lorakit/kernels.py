@@ -175,13 +175,17 @@ def try_merge(outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], up: t
     return True
 
 
+def _launching_on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device`` (the CPU only under TRITON_INTERPRET=1: the tests' way to run the kernels)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(anchor: torch.Tensor, out_offsets: torch.Tensor, base_offsets: torch.Tensor, up: torch.Tensor,
             down: torch.Tensor) -> None:
     n, m, k = up.shape
     cols = down.shape[2]
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(cols, BLOCK_N), n)
-    on_gpu = up.device.type == "cuda"  # (the CPU only under TRITON_INTERPRET=1: the tests' way to run the kernel)
-    with torch.cuda.device(up.device) if on_gpu else contextlib.nullcontext():
+    with _launching_on(up.device):
         _merge_kernel[grid](anchor, out_offsets, base_offsets, up, down, m, cols, k, m * k, k * cols,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
@@ -255,8 +259,7 @@ def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
     """For every layer ``i`` of the group whose flag ``mults[i, -1]`` is not 0: ``weight = backup + sum_j
     round(mults[i, j] * up_j) @ down_j`` with fp32 accumulation, rounded once. ``mults``: float32
     ``[layers, width + 1]`` on the device."""
-    on_gpu = tables.anchor.device.type == "cuda"
-    with torch.cuda.device(tables.anchor.device) if on_gpu else contextlib.nullcontext():
+    with _launching_on(tables.anchor.device):
         _group_kernel[(tables.tiles,)](
             tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, num_warps=NUM_WARPS)

@@ -139,20 +139,22 @@ class ComponentState:
                 self._pools = pool.Pools.layout(key, self.layers.values(), self.adapters)
             usable = self._pools.groups is not None and self._pools.switch([(n, u) for n, _, u in live])
         if not usable:
-            if self._pooled:
-                pool.leave(self.layers.values())
-                self._pooled = False
+            self._leave_pools()
             return False
         if laid_out or not self._pooled:
             self._pools.enter()
             self._pooled, self._plan = True, None  # a later plan-served structure reattaches its own branches
         return True
 
-    def _drop_pools(self) -> None:
-        """Leave and free the pools (merge mode has no use for them)."""
+    def _leave_pools(self) -> None:
+        """The layers stop running on their pools' groups (a switch plan serves them from now on)."""
         if self._pooled:
             pool.leave(self.layers.values())
             self._pooled = False
+
+    def _drop_pools(self) -> None:
+        """Leave and free the pools (merge mode has no use for them)."""
+        self._leave_pools()
         if self._pools is not None:
             for layer in self.layers.values():
                 layer.pool = None
