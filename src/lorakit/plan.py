@@ -359,21 +359,13 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
                 if d is not None:
                     ds.append(d)
                     cols.append(j)
-        place = batched._placement(layer) if ds else None
-        known = None
-        if place is not None:
-            at_place = devices.get((place[2], place[1]))
-            if at_place is None:
-                at_place = devices[place[2], place[1]] = batched.kernel_devices(place[2], place[1])
-        if place is not None and at_place:
-            shape = place[0]
-            m, n = shape[0], shape.numel() // shape[0]
-            known = batched.kernel_factors(place[1], place[2], ds) if n % 16 == 0 else None
-        if known is None:
+        where = _kernel_place(layer, ds, devices) if ds else None
+        if where is None:
             if slots is None:
                 slots = [Slot(d, d.scale, j) for d, j in zip(ds, cols)]
             general.append((row, layer, slots, []))
             continue
+        place, m, n, known = where
         static = [s.static for s in slots] if slots is not None else [k[5] for k in known]
         if layer.branch is not None:
             layer.set_branch([])
@@ -386,10 +378,7 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
         addresses = [m, n, layer.weight.data_ptr(), layer.base.data_ptr(), len(ds)]
         for k in known:
             addresses += k[:3]
-        into = kernel.get((place[2], place[1]))
-        if into is None:
-            into = kernel[place[2], place[1]] = []
-        into.append((layer, ds, row, cols, static, addresses, clean))
+        kernel.setdefault(place, []).append((layer, ds, row, cols, static, addresses, clean))
     for collected in kernel.values():
         members = _KernelMembers.of(collected)
         part, rejected = _KernelPart.lay_out(members)
@@ -399,6 +388,24 @@ def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str],
             members.deltas[i], members.static[i], members.cols[i])], []) for i in rejected]
     _lay_out(plan, general, values, resolve)
     return plan
+
+
+def _kernel_place(layer: LayerState, deltas: list[WeightDelta], devices: dict[tuple, bool]
+                  ) -> tuple[tuple, int, int, list[tuple]] | None:
+    """``((device, dtype), M, N, the deltas' factor addresses)`` where the group kernel can merge these deltas into
+    the layer, else None (``devices``: batched.kernel_devices per (device, dtype), filled as asked)."""
+    place = batched._placement(layer)
+    if place is None:
+        return None
+    shape, dtype, device, _ = place
+    usable = devices.get((device, dtype))
+    if usable is None:
+        usable = devices[device, dtype] = batched.kernel_devices(device, dtype)
+    m, n = shape[0], shape.numel() // shape[0]
+    if not usable or n % 16:
+        return None
+    known = batched.kernel_factors(dtype, device, deltas)
+    return None if known is None else ((device, dtype), m, n, known)
 
 
 def _lay_out(plan: SwitchPlan, items: list[tuple[int, LayerState, list[Slot], list[Slot]]],
