@@ -86,7 +86,7 @@ def main() -> None:
     }
     for label, fn in rows.items():
         print(f"  {label:48s} {median_ms(fn, args.repeats):7.2f} ms")
-    fresh = to_state_dict(make_lora(unet, rank=4, seed=9, targets=TRANSFORMER_TARGETS, dtype=dtype), "peft", "unet")
+    fresh = to_state_dict(make_lora(unet, rank=args.rank, seed=9, targets=TRANSFORMER_TARGETS, dtype=dtype), "peft", "unet")
     after_load = []
     for i in range(args.repeats):  # the load's own plan is current and kept: what layers hold is resolved from it
         pipe.load_lora_weights(fresh, adapter_name=f"x{i}")

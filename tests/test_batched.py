@@ -124,6 +124,7 @@ pipes = [fam.build(dtype), fam.build(dtype)]
 files = [{k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, seed, rank=16 * (1 + seed % 2), convs=True).items()}
          for seed in (1, 2, 3)]
 new = {k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, 9, rank=16, convs=True).items()}
+narrow = {k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, 4, rank=8, convs=True).items()}  # not the kernel's
 
 def check(what):
     for name, p in pipes[0].unet.named_parameters():
@@ -144,6 +145,11 @@ steps = [lambda p: [p.load_lora_weights(dict(sd), adapter_name=f"a{seed}") for s
          lambda p: p.load_lora_weights(dict(new), adapter_name="a1", hotswap=True),
          lambda p: p.set_adapters(["a1", "a2"], [0.7, -0.4]),  # back to a kept plan (reactivated)
          lambda p: p.set_adapters(["a1", "a2", "a3"], [0.5, 0.6, 0.7]),
+         lambda p: p.load_lora_weights(dict(narrow), adapter_name="a4"),
+         lambda p: p.set_adapters(["a4", "a1"], [0.8, 0.6]),  # the layers a4 reaches: on the plan's general path
+         lambda p: p.set_adapters(["a2", "a1"], [0.8, 0.6]),  # ...and back to the kernel
+         lambda p: p.disable_lora(),
+         lambda p: p.enable_lora(),
          lambda p: p.fuse_lora(adapter_names=["a3"], lora_scale=0.9)]
 for k, step in enumerate(steps):
     on(0, step)
@@ -209,3 +215,49 @@ def test_kernel_parts_fall_back_while_the_kernel_compiles(batched_on_cpu, monkey
         pipe.unload_lora_weights()
         for name, p in pipe.unet.named_parameters():
             assert torch.equal(p, base.get_parameter(name)), name
+
+
+def test_one_kernel_layout_serves_every_adapter_set(batched_on_cpu, monkeypatch):
+    """Merge mode lays the group kernel's parts out once per set of loaded adapters: set_adapters to any set of them
+    reuses the layout (no pass over the layers), its weights do not depend on the order of the names, a rank-8
+    adapter the kernel cannot read sends only the layers it reaches to the general path, and only while it is live;
+    every step writes what the chunk route writes, and disable / unload restore bit-exactly."""
+    pytest.importorskip("triton")
+    from lorakit import kernels
+    monkeypatch.setattr(kernels, "ready", lambda device, dtype: False)  # the parts' BLAS route: bit-comparable
+    dtype = torch.float16
+    fam = family("sd15")
+    pipes = [fam.build(dtype), fam.build(dtype)]
+    files = {name: {k: v.to(dtype) for k, v in lora_state_dict(pipes[0], fam, seed, rank=rank).items()}
+             for name, seed, rank in (("a", 1, 16), ("b", 2, 32), ("narrow", 3, 8))}
+    managers = [lorakit.attach(pipe, mode="merge") for pipe in pipes]
+    base = {name: p.clone() for name, p in pipes[0].unet.named_parameters()}
+
+    def step(fn):
+        for i, pipe in enumerate(pipes):
+            monkeypatch.setattr(batched, "KERNEL_DEVICES", ("cpu",) if i == 0 else ())
+            fn(pipe)
+        for name, p in pipes[0].unet.named_parameters():
+            assert torch.equal(p, pipes[1].unet.get_parameter(name)), name
+
+    for name, sd in files.items():
+        step(lambda p: p.load_lora_weights(dict(sd), adapter_name=name))  # noqa: B023
+    state = managers[0].states["unet"]
+    layout = state._plan.layout
+    assert layout.parts and layout.mixed.get("narrow")
+    step(lambda p: p.set_adapters(["b", "a"], [0.6, 0.8]))
+    assert state._plan.layout is layout and state._plan.skips is None
+    reversed_order = {name: p.clone() for name, p in pipes[0].unet.named_parameters()}
+    step(lambda p: p.set_adapters(["a", "b"], [0.8, 0.6]))
+    for name, p in pipes[0].unet.named_parameters():
+        assert torch.equal(p, reversed_order[name]), name
+    step(lambda p: p.set_adapters(["narrow", "a"], [0.5, 0.7]))
+    assert state._plan.layout is layout and any(bool(s.any()) for s in state._plan.skips)
+    step(lambda p: p.set_adapters(["a"], [0.9]))
+    step(lambda p: p.disable_lora())
+    for name, p in pipes[0].unet.named_parameters():
+        assert torch.equal(p, base[name]), name
+    step(lambda p: p.enable_lora())
+    step(lambda p: p.unload_lora_weights())
+    for name, p in pipes[0].unet.named_parameters():
+        assert torch.equal(p, base[name]), name

@@ -144,6 +144,18 @@ def case(specs, odd):
 
 layers = case([((40, 80), (16,)), ((130, 16, 3, 3), (32, 16)), ((64, 128), (48, 16, 32)), ((16, 32), (16,))], False)
 case([((40, 80), (8,)), ((130, 16, 3, 3), (4, 16)), ((64, 128), (48, 24, 32)), ((16, 32), (16,))], True)
+# Adapters at multiplier 0 are skipped (the table lists every loaded adapter); a layer with none in the mix gets its
+# backup bit for bit, negative zeros included
+weight, base = take(32, 48, fill=float("nan")), take(32, 48)
+base[0, :5] = -0.0
+f = [(take(32, 16) * 0.1, take(16, 48)), (take(32, 16) * 0.1, take(16, 48))]
+row = [32, 48, weight.data_ptr(), base.data_ptr(), 2] + [a for u, d in f for a in (u.data_ptr(), d.data_ptr(), 16)]
+tables, _ = k.group_tables([row], arena)
+k.merge_group(tables, torch.tensor([[0.0, 0.0, 1.0]]))
+assert torch.equal(weight.view(torch.int16), base.view(torch.int16)), "no adapter in the mix: not the backup exactly"
+k.merge_group(tables, torch.tensor([[0.0, 0.5, 1.0]]))
+want = base.float() + (f[1][0].float() * 0.5).half().float() @ f[1][1].float()
+assert (weight.float() - want).abs().max().item() <= want.abs().max().item() * 2 ** -10
 weight_off = [layers[1], layers[0][:2] + [arena[1:].data_ptr()] + layers[0][3:]]
 assert k.group_tables(weight_off, arena) == (None, [1])  # weights and backups must be aligned
 rows_off = [[40, 72] + layers[0][2:]]

@@ -235,17 +235,15 @@ class Segment:
         kernels.merge_group(self.tables, mults.to(self.tables.anchor.device, non_blocking=True))
 
 
-def kernel_factors(dtype: torch.dtype, device: torch.device, deltas: Iterable[WeightDelta]) -> list[tuple] | None:
-    """The deltas' :func:`factor_addresses` where the group kernel can merge them into a weight of this dtype on
-    this device (ranks of 16k, factors in the weight's dtype beside it), else None. Plans ask this for ~1000
-    layers: a few lookups each."""
-    out = []
-    for d in deltas:
-        known = factor_addresses(d)
-        if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
-            return None
-        out.append(known)
-    return out
+def kernel_factor(dtype: torch.dtype, device: torch.device, delta: WeightDelta) -> tuple | None:
+    """The delta's :func:`factor_addresses` where the group kernel can merge it into a weight of this dtype on this
+    device (ranks of 16k, factors in the weight's dtype beside it, 16 elements aligned), else None. Plans ask this
+    for every delta of ~1000 layers: a few lookups each."""
+    known = factor_addresses(delta)
+    if known is None or known[2] % 16 or known[3] != dtype or known[4] != device:
+        return None
+    align = 16 * dtype.itemsize  # (the kernel's vector loads; group_tables checks offsets from its anchor again)
+    return known if known[0] % align == 0 and known[1] % align == 0 else None
 
 
 def kernel_devices(device: torch.device, dtype: torch.dtype) -> bool:

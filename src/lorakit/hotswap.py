@@ -200,6 +200,7 @@ def _mark_stale(state: ComponentState, paths: Iterable[str], swapped: frozenset[
     restacked, in place."""
     current = state._plan
     state._plans = {k: p for k, p in state._plans.items() if p is current}
+    state._layouts = {k: v for k, v in state._layouts.items() if current is not None and v is current.layout}
     layers = state.layers
     for path in paths:
         layer = layers.get(path)

@@ -106,24 +106,32 @@ if triton is not None:
             at = rows[:, None].to(tl.int64) * N + cols[None, :]
             held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            touched = member * 0
             for j in range(adapters):
-                # (factors off alignment would need scalar loads: a variant that had them took a 4-adapter SDXL
-                # switch from ~12 to ~55 ms; such layers take the chunk route, see group_tables)
-                up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
-                down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
-                rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
                 scale = tl.load(weights + j)
-                for k in range(0, rank, BLOCK_K):
-                    kk = k + tl.arange(0, BLOCK_K)
-                    a = tl.load(up + rows[:, None] * rank + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < rank),
-                                other=0.0)
-                    # the multiplier in fp32, rounded once to the weight's dtype: as the per-layer path scales up
-                    a = (a.to(tl.float32) * scale).to(anchor.dtype.element_ty)
-                    b = tl.load(down + kk[:, None] * N + cols[None, :], mask=(kk[:, None] < rank) & (cols[None, :] < N),
-                                other=0.0)
-                    acc += tl.dot(a, b)
-            acc += held.to(tl.float32)
-            tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
+                # A layer's row lists every adapter loaded on it; those not in the mix have multiplier 0 and are
+                # skipped, so that one table serves every adapter set (plan.KernelLayout)
+                if scale != 0:
+                    # (factors off alignment would need scalar loads: a variant that had them took a 4-adapter SDXL
+                    # switch from ~12 to ~55 ms; such layers take the chunk route, see group_tables)
+                    up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
+                    down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
+                    rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
+                    for k in range(0, rank, BLOCK_K):
+                        kk = k + tl.arange(0, BLOCK_K)
+                        a = tl.load(up + rows[:, None] * rank + kk[None, :],
+                                    mask=(rows[:, None] < M) & (kk[None, :] < rank), other=0.0)
+                        # the multiplier in fp32, rounded once to the weight's dtype: as the per-layer path scales up
+                        a = (a.to(tl.float32) * scale).to(anchor.dtype.element_ty)
+                        b = tl.load(down + kk[:, None] * N + cols[None, :],
+                                    mask=(kk[:, None] < rank) & (cols[None, :] < N), other=0.0)
+                        acc += tl.dot(a, b)
+                    touched += 1
+            if touched != 0:
+                acc += held.to(tl.float32)
+                tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
+            else:  # nothing in the mix here: the backup itself, bit for bit (base + 0.0 would turn -0.0 into 0.0)
+                tl.store(out + at, held, mask=inside)
 
 
 def _offsets(tensors: Sequence[torch.Tensor], anchor: int, itemsize: int) -> tuple[int, ...] | None:
@@ -257,8 +265,8 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
 
 def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
     """For every layer ``i`` of the group whose flag ``mults[i, -1]`` is not 0: ``weight = backup + sum_j
-    round(mults[i, j] * up_j) @ down_j`` with fp32 accumulation, rounded once. ``mults``: float32
-    ``[layers, width + 1]`` on the device."""
+    round(mults[i, j] * up_j) @ down_j`` with fp32 accumulation, rounded once, over the adapters whose multiplier is
+    not 0 (none: the backup, copied exactly). ``mults``: float32 ``[layers, width + 1]`` on the device."""
     with _launching_on(tables.anchor.device):
         _group_kernel[(tables.tiles,)](
             tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],

@@ -13,6 +13,9 @@ multiplier (fused) or a column of the live adapters' factor table. A multiplier-
             buffer = static_per_rank * F[rank_rows, rank_cols]
 
 a few vectorised operations in all, instead of Python for each of ~1000 layers (SDXL with its text encoders).
+In merge mode the group kernel's parts are laid out once per set of LOADED adapters (:class:`KernelLayout`): every
+live set's plan shares them, with the adapters out of the mix at multiplier 0, so a plan for a new adapter set
+costs no pass over those layers either (set_adapters right after loads, a server switching among many adapters).
 Layers the batched path does not cover (non-additive algorithms, weights off the batching devices) are written one
 by one, from the same slots. In branch mode, plans serve only what the layers' factor pools do not (per-layer
 weights, fused adapters, deltas with no branch form, spans with too many idle ranks: see :mod:`lorakit.pool`); their
@@ -72,18 +75,25 @@ class _MergeChunk:
 @dataclass
 class _KernelPart:
     """Layers of one device and dtype that one launch of the group kernel re-merges (batched.Segment), laid out as
-    flat arrays: per member its row of F, its deltas' columns and static multipliers (padded to the widest with
-    multiplier 0, which the kernel does not read), so that a run costs a few tensor operations for all of them."""
+    flat arrays: per member its row of the layout's factor table, its deltas' columns and static multipliers (padded
+    to the widest with multiplier 0, which the kernel does not read), so that a run costs a few tensor operations for
+    all of them. Its members list every adapter loaded on them (see :class:`KernelLayout`): the plans of every
+    adapter set share it, and it keeps its own record of what it last wrote."""
 
     segment: batched.Segment
     deltas: list[list[WeightDelta]]
     rows: torch.Tensor  # [n]
-    cols: torch.Tensor  # [n, K]
+    cols: torch.Tensor  # [n, K]: a column of the layout's table (-1: the fused slots' constant)
     static: torch.Tensor  # [n, K] float64
-    clean: torch.Tensor  # bool [n]: held these contributions when the plan was built
+    clean: torch.Tensor  # bool [n]: held at layout time what the first run writes
     last: torch.Tensor | None = None  # [n, K]: the multipliers last written
     stale: torch.Tensor | None = None  # bool [n]: rewrite at the next run whatever the multipliers
+    fresh: bool = True  # not run yet: ``clean`` tells what to write
+    skipped: list[bool] | None = None  # members the last run left to its plan's general path
     index: dict[int, list[int]] | None = None  # delta id -> members, once a hotswap asked (invalidate)
+    # what the layers it writes carry as `applied`: its last multipliers tell what they hold (holds())
+    mark: tuple = field(default_factory=lambda: (PLAN_MARK, next(_MARKS)))
+    _where: dict[int, int] | None = None  # id(layer) -> member: holds()
 
     @classmethod
     def lay_out(cls, members: _KernelMembers) -> tuple[_KernelPart | None, list[int]]:
@@ -100,33 +110,55 @@ class _KernelPart:
                    static=torch.tensor(static, dtype=torch.float64),
                    clean=torch.tensor(members.clean, dtype=torch.bool)), []
 
-    def run(self, table: torch.Tensor, mark: tuple, fresh: bool) -> None:
+    def run(self, table: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Re-merge the members whose multipliers changed (``table``: the layout's, see KernelLayout.widen), but
+        those in ``skip`` (bool [n]: the plan writes them on its general path; their row of ``last`` becomes NaN,
+        which differs from any multiplier: rewritten when a plan next gives them to the kernel)."""
         mults = self.static * table[self.rows[:, None], self.cols]
-        if self.last is None:
-            dirty = ~self.clean if fresh else torch.ones(len(self.deltas), dtype=torch.bool)
+        if self.fresh:
+            dirty = ~self.clean
+        elif self.last is None:
+            dirty = torch.ones(len(self.deltas), dtype=torch.bool)
         else:
             dirty = (mults != self.last).any(1)
         if self.stale is not None:
             dirty |= self.stale
             self.stale = None
-        self.last = mults
         layers = self.segment.layers
-        for layer in layers:
-            layer.applied = mark
+        if skip is not None:
+            dirty &= ~skip
+            mults[skip] = float("nan")
+            self.skipped = skip.tolist()
+            for layer, skipped in zip(layers, self.skipped):
+                if not skipped:
+                    layer.applied = self.mark
+        else:
+            self.skipped = None
+            for layer in layers:
+                layer.applied = self.mark
+        self.last, self.fresh = mults, False
         if not bool(dirty.any()):
             return
         if self.segment.current():
             self.segment.merge(torch.cat([mults.float(), dirty.float()[:, None]], 1))
             return
         values = mults.tolist()  # the kernel is compiling (or a weight moved): the batched BLAS route
-        batched.write_many([(layers[i], list(zip(self.deltas[i], values[i])))
+        batched.write_many([(layers[i], [(d, m) for d, m in zip(self.deltas[i], values[i]) if m != 0])
                             for i in dirty.nonzero().flatten().tolist()])
 
     def signature(self, i: int) -> tuple | None:
-        """What member ``i`` was last written with (None: not yet), as a signature."""
+        """What member ``i`` was last written with (None: not yet), as a signature: adapters at multiplier 0 are
+        not in it (the kernel skips them), so it compares with per-layer writes of the same mix."""
         if self.last is None:
             return None
-        return tuple((id(d), m) for d, m in zip(self.deltas[i], self.last[i].tolist()))
+        return tuple((id(d), m) for d, m in zip(self.deltas[i], self.last[i].tolist()) if m != 0)
+
+    def holds(self, layer: LayerState) -> tuple | None:
+        """What this part last wrote into ``layer`` (see SwitchPlan.holds)."""
+        if self._where is None:
+            self._where = {id(member): i for i, member in enumerate(self.segment.layers)}
+        i = self._where.get(id(layer))
+        return None if i is None else self.signature(i)
 
     def invalidate(self, swapped: frozenset[int]) -> None:
         if self.index is None:
@@ -139,12 +171,22 @@ class _KernelPart:
             self._mark_stale(hit)
 
     def reactivate(self, resolve: Resolver) -> None:
-        """Members that no longer hold what this plan last wrote are rewritten at the next run. When the first one
-        does not, another plan rewrote them: all are, without a look at each (rewriting is always right)."""
+        """Before a run for another plan than the last one: members that no longer hold what this part last wrote
+        are rewritten at that run. Where every member still carries its mark (the common case: no one else wrote
+        them), nothing to do; where the first one does not hold it, another layout rewrote them: all are, without
+        a look at each (rewriting is always right)."""
         layers = self.segment.layers
-        if self.last is None:
+        mark = self.mark
+        if self.fresh or self.last is None:
             return
-        if resolve(layers[0]) != self.signature(0):
+        skipped = self.skipped
+        if skipped is None:
+            if all(layer.applied is mark for layer in layers):
+                return
+        elif all(layer.applied is mark for layer, s in zip(layers, skipped) if not s):
+            return  # (the skipped ones' NaN multipliers rewrite them when they come back)
+        first = skipped.index(False) if skipped is not None and False in skipped else 0
+        if resolve(layers[first]) != self.signature(first):
             self.last = None
             return
         self._mark_stale([i for i, layer in enumerate(layers) if resolve(layer) != self.signature(i)])
@@ -178,6 +220,36 @@ class _KernelMembers:
 
 
 @dataclass
+class KernelLayout:
+    """Merge mode's group-kernel parts of a component for every adapter loaded on it, not only the live ones: the
+    plans of every adapter set share them, and the adapters out of the mix run at multiplier 0, which the kernel
+    skips. Laid out once per set of loaded adapters and fused entries (a load, a delete, a fuse), so that a switch to
+    a new adapter set costs no Python per layer: set_adapters right after loads is a rerun."""
+
+    key: tuple
+    parts: list[_KernelPart]
+    general: list[int]  # rows of the layers the group kernel does not take: each plan lays them out (_lay_out)
+    position: dict[str, int]  # loaded adapter -> its column of the layout's table (the last: the constant)
+    mixed: dict[str, list[int]] = field(default_factory=dict)  # adapter -> rows where the kernel cannot read it
+
+    def outside(self, live: Sequence[str]) -> list[int]:
+        """Rows of the parts' members that a plan of these live adapters writes on its general path instead."""
+        rows = {row for name in live for row in self.mixed.get(name, ())}
+        return sorted(rows.difference(self.general)) if rows else []
+
+    def widen(self, table: torch.Tensor, live: Sequence[str]) -> torch.Tensor:
+        """The layout's table ``[layers, loaded + 1]`` from a plan's ``[layers, live + 1]``: adapters out of the mix
+        at 0."""
+        full = torch.zeros(table.shape[0], len(self.position) + 1, dtype=table.dtype)
+        full[:, [*(self.position[name] for name in live), -1]] = table
+        return full
+
+    def reactivate(self, resolve: Resolver) -> None:
+        for part in self.parts:
+            part.reactivate(resolve)
+
+
+@dataclass
 class _BranchBuffer:
     buffer: torch.Tensor  # every branch layer's per-rank scales, in the layers' dtype, on their device
     rows: torch.Tensor  # [R]
@@ -197,11 +269,18 @@ class SwitchPlan:
     # each branch layer's (stacked factors, scale view, structure), to put back when this plan is current again
     branch_state: list[tuple[LayerState, tuple, torch.Tensor, tuple]] = field(default_factory=list)
     empties: list[LayerState] = field(default_factory=list)  # layers whose weight holds nothing in this plan
-    kernel: list[_KernelPart] = field(default_factory=list)  # layers one launch of the group kernel merges
+    layout: KernelLayout | None = None  # merge mode: the group kernel's parts, shared with other adapter sets' plans
+    live: list[str] = field(default_factory=list)  # the live adapters, the factor table's columns
+    skips: list[torch.Tensor] | None = None  # per kernel part: members this plan writes on its general path
     fresh: bool = True
     # what the layers this plan writes carry as `applied`: its last multipliers tell what they hold (holds())
     mark: tuple = field(default_factory=lambda: (PLAN_MARK, next(_MARKS)))
-    _where: dict[int, tuple] | None = None  # id(layer) -> (its chunk or kernel part, index): holds()
+    _where: dict[int, tuple] | None = None  # id(layer) -> (its chunk, index): holds()
+
+    @property
+    def kernel(self) -> list[_KernelPart]:
+        """The group kernel's parts this plan runs (its layout's)."""
+        return self.layout.parts if self.layout is not None else []
 
     def reactivate(self, layers: list[LayerState], resolve: Resolver) -> None:
         """Make this plan current again after others ran (the adapter set switched back): no layout work. Layers it
@@ -219,8 +298,8 @@ class SwitchPlan:
                     layer.applied = self.mark  # they hold exactly what this plan last wrote
             else:
                 mc.last, mc.clean = None, False
-        for part in self.kernel:
-            part.reactivate(resolve)
+        if self.layout is not None:
+            self.layout.reactivate(resolve)
         self.fresh = False
         mine = {id(layer) for layer, *_ in self.branch_state}
         for layer in layers:
@@ -236,8 +315,10 @@ class SwitchPlan:
         if self.fresh and self.restores:
             batched.restore(self.restores)
         self._run_chunks(table)
-        for part in self.kernel:
-            part.run(table, self.mark, self.fresh)
+        if self.kernel:
+            full = self.layout.widen(table, self.live)
+            for i, part in enumerate(self.kernel):
+                part.run(full, self.skips[i] if self.skips is not None else None)
         if self.singles or self.branch_singles:
             values = table.tolist()
             for row, layer, slots in self.singles:
@@ -259,16 +340,14 @@ class SwitchPlan:
             part.invalidate(swapped)
 
     def holds(self, layer: LayerState) -> tuple | None:
-        """What this plan last wrote into ``layer``, as a signature (None: not one of its merged layers, or not
-        written yet): lets the next plan skip unchanged layers. Looked up for one layer at a time."""
+        """What this plan last wrote into ``layer``, as a signature (None: not one of its chunks' layers, or not
+        written yet): lets the next plan skip unchanged layers. Looked up for one layer at a time (the layers of
+        kernel parts carry the part's own mark: _KernelPart.holds)."""
         if self._where is None:
             where: dict[int, tuple] = {}
             for mc in self.chunks:
                 for i, (member, _, _) in enumerate(mc.chunk.members):
                     where[id(member)] = (mc, i)
-            for part in self.kernel:
-                for i, member in enumerate(part.segment.layers):
-                    where[id(member)] = (part, i)
             self._where = where
         found = self._where.get(id(layer))
         return None if found is None else found[0].signature(found[1])
@@ -289,9 +368,12 @@ class SwitchPlan:
         batched.merge_chunks(due, self.mark)
 
 
-def resolver(plans: list[SwitchPlan]) -> Resolver:
-    """Resolve what layers hold, for layers these plans wrote (a plan no longer kept resolves to None: unknown)."""
-    by_mark = {p.mark: p for p in plans}
+def resolver(plans: list[SwitchPlan], layouts: Sequence[KernelLayout] = ()) -> Resolver:
+    """Resolve what layers hold, for layers these plans and layouts wrote (one no longer kept resolves to None:
+    unknown)."""
+    by_mark: dict[tuple, SwitchPlan | _KernelPart] = {p.mark: p for p in plans}
+    for layout in (*layouts, *(p.layout for p in plans if p.layout is not None)):
+        by_mark.update((part.mark, part) for part in layout.parts)
 
     def resolve(layer: LayerState) -> tuple | None:
         applied = layer.applied
@@ -331,69 +413,126 @@ def build(key: tuple, items: list[tuple[str, LayerState, list[Slot], list[Slot]]
     return plan
 
 
-def build_merged(key: tuple, layers: dict[str, LayerState], live: Sequence[str], fused: Sequence,
-                 factors: Sequence[float | None], per_path: dict[int, list[float]], resolve: Resolver) -> SwitchPlan:
-    """:func:`build` for merge mode, in one pass over the layers (``fused``: the component's FusedEntry list).
+def build_merged(key: tuple, layers: dict[str, LayerState], adapters: Sequence[str], live: Sequence[str],
+                 fused: Sequence, factors: Sequence[float | None], per_path: dict[int, list[float]], resolve: Resolver,
+                 layout: KernelLayout | tuple) -> SwitchPlan:
+    """:func:`build` for merge mode (``adapters``: the component's, in load order; ``fused``: its FusedEntry list).
 
-    Layers the group kernel can take (CUDA, fp16/bf16, low-rank factors beside the weight: see
-    batched.kernel_factors) are laid out as flat arrays, with no per-chunk work and no stacks (a plan is laid out
-    right after every load: this is what the first set_adapters after one costs); the rest take build's general
-    path."""
+    ``layout``: the group kernel's :class:`KernelLayout` for these adapters and fused entries, or its key where
+    there is none yet: it is laid out here (one pass over the layers; a load lays one out, so the first
+    set_adapters after loads does not). Its parts serve this plan as they are. The layers it leaves to the general
+    path (not CUDA, fp32, factors the kernel cannot read...) take build's, with the live adapters' slots in load
+    order, as the kernel sums them: the same weights whatever the order of set_adapters' names."""
     paths = list(layers)
-    plan = SwitchPlan(key, paths)
-    values = _factor_table(len(paths), factors, per_path).tolist()
+    plan = SwitchPlan(key, paths, live=list(live))
+    table = _factor_table(len(paths), factors, per_path)
+    if isinstance(layout, KernelLayout):
+        layout.reactivate(resolve)
+    else:
+        position = {name: i for i, name in enumerate(adapters)}
+        widened = KernelLayout(layout, [], [], position).widen(table, live).tolist()
+        layout = lay_out_kernel(layout, layers, adapters, fused, widened, resolve)
+    plan.layout = layout
+    outside = layout.outside(live)
+    if outside:  # members a live adapter's factors on them keep from the kernel: on this plan's general path
+        rows = torch.tensor(outside)
+        plan.skips = [torch.isin(part.rows, rows) for part in layout.parts]
+    values = table.tolist()
+    order = [(j, name) for name, j in sorted(((name, j) for j, name in enumerate(live)),
+                                             key=lambda item: layout.position[item[0]])]
     general: list[tuple[int, LayerState, list[Slot], list[Slot]]] = []
-    kernel: dict[tuple, list[_Member]] = {}
-    columns = list(enumerate(live))
-    devices: dict[tuple, bool] = {}  # (device, dtype) -> batched.kernel_devices
-    for row, (path, layer) in enumerate(layers.items()):
+    for row in sorted(layout.general + outside) if outside else layout.general:
+        path = paths[row]
+        layer = layers[path]
+        slots = [Slot(*f.contributions[path], -1) for f in fused if path in f.contributions]
         deltas = layer.deltas
-        if fused:
-            slots = [Slot(*f.contributions[path], -1) for f in fused if path in f.contributions]
-            slots += [Slot(d, d.scale, j) for j, name in columns if (d := deltas.get(name)) is not None]
-            ds, cols = [s.delta for s in slots], [s.col for s in slots]
-        else:
-            slots, ds, cols = None, [], []
-            for j, name in columns:
-                d = deltas.get(name)
-                if d is not None:
-                    ds.append(d)
-                    cols.append(j)
-        where = _kernel_place(layer, ds, devices) if ds else None
-        if where is None:
-            if slots is None:
-                slots = [Slot(d, d.scale, j) for d, j in zip(ds, cols)]
-            general.append((row, layer, slots, []))
-            continue
-        place, m, n, known = where
-        static = [s.static for s in slots] if slots is not None else [k[5] for k in known]
-        if layer.branch is not None:
-            layer.set_branch([])
-        layer.take_backup()
-        held = resolve(layer)  # (a signature of another length cannot match: no need to build this one)
-        clean = False
-        if held is not None and len(held) == len(ds):
-            at = values[row]
-            clean = held == tuple((id(d), v * at[c]) for d, v, c in zip(ds, static, cols))
-        addresses = [m, n, layer.weight.data_ptr(), layer.base.data_ptr(), len(ds)]
-        for k in known:
-            addresses += k[:3]
-        kernel.setdefault(place, []).append((layer, ds, row, cols, static, addresses, clean))
-    for collected in kernel.values():
-        members = _KernelMembers.of(collected)
-        part, rejected = _KernelPart.lay_out(members)
-        if part is not None:
-            plan.kernel.append(part)
-        general += [(members.rows[i], members.layers[i], [Slot(d, v, c) for d, v, c in zip(
-            members.deltas[i], members.static[i], members.cols[i])], []) for i in rejected]
+        slots += [Slot(d, d.scale, j) for j, name in order if (d := deltas.get(name)) is not None]
+        general.append((row, layer, slots, []))
     _lay_out(plan, general, values, resolve)
     return plan
 
 
-def _kernel_place(layer: LayerState, deltas: list[WeightDelta], devices: dict[tuple, bool]
-                  ) -> tuple[tuple, int, int, list[tuple]] | None:
-    """``((device, dtype), M, N, the deltas' factor addresses)`` where the group kernel can merge these deltas into
-    the layer, else None (``devices``: batched.kernel_devices per (device, dtype), filled as asked)."""
+def lay_out_kernel(key: tuple, layers: dict[str, LayerState], adapters: Sequence[str], fused: Sequence,
+                   values: list[list[float]], resolve: Resolver) -> KernelLayout:
+    """The group kernel's parts for every layer it can write, with every adapter loaded on it whose factors it can
+    read (CUDA, fp16/bf16, ranks of 16k, aligned: see batched.kernel_factor), in one pass, as flat arrays with no
+    per-chunk work and no stacks. The layers it cannot write, or whose fused entries it cannot read, are left to
+    each plan (``general``); an adapter whose factors it cannot read on a layer (a rank-8 LoRA among rank-32 ones)
+    sends that layer to the plan's general path only in plans where that adapter is live (``mixed``). ``values``:
+    the layout's table for the first run (what the members will hold, to skip those that hold it already)."""
+    position = {name: i for i, name in enumerate(adapters)}
+    general: list[int] = []
+    mixed: dict[str, list[int]] = defaultdict(list)
+    kernel: dict[tuple, list[_Member]] = {}
+    devices: dict[tuple, bool] = {}  # (device, dtype) -> batched.kernel_devices
+    for row, (path, layer) in enumerate(layers.items()):
+        where = _kernel_layer(layer, devices)
+        if where is None:
+            general.append(row)
+            continue
+        place, m, n = where
+        dtype, device = place[1], place[0]
+        ds, cols, static, known = [], [], [], []
+        readable = True
+        for f in fused:
+            c = f.contributions.get(path)
+            if c is None:
+                continue
+            k = batched.kernel_factor(dtype, device, c[0])
+            if k is None:
+                readable = False
+                break
+            ds.append(c[0])
+            cols.append(-1)
+            static.append(c[1])
+            known.append(k)
+        else:
+            deltas = layer.deltas
+            outside = []
+            for name in adapters:
+                d = deltas.get(name)
+                if d is None:
+                    continue
+                k = batched.kernel_factor(dtype, device, d)
+                if k is None:
+                    outside.append(name)
+                    continue
+                ds.append(d)
+                cols.append(position[name])
+                static.append(k[5])
+                known.append(k)
+            if ds:
+                for name in outside:
+                    mixed[name].append(row)
+        if not readable or not ds:  # a fused entry the kernel cannot read, or nothing it can
+            general.append(row)
+            continue
+        if layer.branch is not None:
+            layer.set_branch([])
+        layer.take_backup()
+        held = resolve(layer)
+        at = values[row]
+        clean = held is not None and held == tuple(
+            (id(d), mult) for d, v, c in zip(ds, static, cols) if (mult := v * at[c]) != 0)
+        addresses = [m, n, layer.weight.data_ptr(), layer.base.data_ptr(), len(ds)]
+        for k in known:
+            addresses += k[:3]
+        kernel.setdefault(place, []).append((layer, ds, row, cols, static, addresses, clean))
+    parts = []
+    for collected in kernel.values():
+        members = _KernelMembers.of(collected)
+        part, rejected = _KernelPart.lay_out(members)
+        if part is not None:
+            parts.append(part)
+        general += [members.rows[i] for i in rejected]
+    if len(general) > 1:
+        general.sort()
+    return KernelLayout(key, parts, general, position, dict(mixed))
+
+
+def _kernel_layer(layer: LayerState, devices: dict[tuple, bool]) -> tuple[tuple, int, int] | None:
+    """``((device, dtype), M, N)`` where the group kernel can write the layer, else None (``devices``:
+    batched.kernel_devices per (device, dtype), filled as asked)."""
     place = batched._placement(layer)
     if place is None:
         return None
@@ -402,10 +541,7 @@ def _kernel_place(layer: LayerState, deltas: list[WeightDelta], devices: dict[tu
     if usable is None:
         usable = devices[device, dtype] = batched.kernel_devices(device, dtype)
     m, n = shape[0], shape.numel() // shape[0]
-    if not usable or n % 16:
-        return None
-    known = batched.kernel_factors(dtype, device, deltas)
-    return None if known is None else ((device, dtype), m, n, known)
+    return ((device, dtype), m, n) if usable and n % 16 == 0 else None
 
 
 def _lay_out(plan: SwitchPlan, items: list[tuple[int, LayerState, list[Slot], list[Slot]]],

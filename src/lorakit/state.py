@@ -18,6 +18,7 @@ from .targets import ModuleIndex
 
 MODES = ("merge", "branch")
 KEPT_PLANS = 4  # plans of this many recent structures stay ready (branch mode: their stacked factors cost memory)
+KEPT_LAYOUTS = 2  # merge mode's group-kernel layouts (a fuse and an unfuse switch between two)
 
 
 @contextlib.contextmanager
@@ -63,6 +64,8 @@ class ComponentState:
     _index: ModuleIndex | None = None
     _plan: plan.SwitchPlan | None = None
     _plans: dict[tuple, plan.SwitchPlan] = field(default_factory=dict)  # recent plans, oldest first
+    # merge mode: the group kernel's layouts of the loaded adapters, most recent last (see plan.KernelLayout)
+    _layouts: dict[tuple, plan.KernelLayout] = field(default_factory=dict)
     _held: tuple | None = None  # a structure key the weights hold without a plan of its own (see hold())
     _pools: pool.Pools | None = None  # branch mode: the layers' factor pools, grouped (see lorakit.pool)
     _pooled: bool = False  # the layers run on their pools' groups now (not on a switch plan's branches)
@@ -187,22 +190,30 @@ class ComponentState:
 
     def forget_plans(self) -> None:
         """Drop the current and kept switch plans (after unload: they reference the deltas that were unloaded)."""
-        self._plan, self._plans, self._held = None, {}, None
+        self._plan, self._plans, self._held, self._layouts = None, {}, None, {}
         self._pools, self._pooled = None, False
 
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
         """A plan for a new structure: one set aside earlier (switching back to an adapter set: no Python per layer,
         no restacking), else a new one."""
-        resolve = plan.resolver([*self._plans.values(), *([self._plan] if self._plan is not None else [])])
+        resolve = plan.resolver([*self._plans.values(), *([self._plan] if self._plan is not None else [])],
+                                list(self._layouts.values()))
         kept = self._plans.pop(key, None)
         if kept is not None:
             kept.reactivate(list(self.layers.values()), resolve)
             self._plans[key] = kept
             return kept
         if mode == "merge":
-            built = plan.build_merged(key, self.layers, [name for name, _, _ in live], fused, factors, per_path,
-                                      resolve)
+            # (the key of a plan's, less which adapters are live: every set of them shares one layout)
+            layout_key = (self.version, tuple(self.adapters), tuple(id(f) for f in fused), key[5])
+            layout = self._layouts.pop(layout_key, layout_key)
+            built = plan.build_merged(key, self.layers, self.adapters, [name for name, _, _ in live], fused, factors,
+                                      per_path, resolve, layout)
+            self._layouts = {k: v for k, v in self._layouts.items() if k[0] == self.version}
+            self._layouts[layout_key] = built.layout
+            while len(self._layouts) > KEPT_LAYOUTS:
+                self._layouts.pop(next(iter(self._layouts)))
         else:
             built = plan.build(key, self._branch_slots(live, fused), factors, per_path, resolve)
         self._plans = {k: p for k, p in self._plans.items() if k[4] == self.version}  # drop plans of old layers
