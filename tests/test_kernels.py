@@ -219,3 +219,17 @@ def test_compiled_group_kernel_matches_addmm(dtype, odd):
         got = weight.reshape(m, -1).float()
         assert (got - want).abs().max().item() <= want.abs().max().item() * 2 ** -7, i
         assert (got == want.to(dtype).float()).float().mean().item() > 0.98, i
+    # adapters out of the mix (multiplier 0) are skipped; a layer with none in it gets its backup bit for bit
+    base0 = tensors[0][1]
+    base0.view(-1)[:7] = -0.0
+    mults[:, :-1] = 0
+    mults[2, 1] = 0.5
+    k.merge_group(tables, mults)
+    torch.cuda.synchronize()
+    for i, (weight, base, factors) in enumerate(tensors):
+        if i != 2:
+            assert torch.equal(weight.view(torch.int16), base.view(torch.int16)), i
+    up, down = tensors[2][2][1]
+    want = tensors[2][1].reshape(1280, -1).float() + (up.float() * 0.5).to(dtype).float() @ down.float()
+    got = tensors[2][0].reshape(1280, -1).float()
+    assert (got - want).abs().max().item() <= want.abs().max().item() * 2 ** -7

@@ -162,6 +162,16 @@ def restore(layers: list[LayerState]) -> None:
         layer.applied = ()
 
 
+def restore_all(layers: Iterable[LayerState]) -> None:
+    """Every layer that holds something back to its base, bit-exactly: many per kernel where :func:`can_restore`,
+    the rest one by one."""
+    held = [layer for layer in layers if layer.applied != ()]
+    restore([layer for layer in held if can_restore(layer)])
+    for layer in held:
+        if layer.applied != ():  # (those just restored hold nothing now)
+            layer.write([])
+
+
 def split(key: tuple, members: list) -> list[list]:
     """Cut a group into chunks whose stacked temporaries fit CHUNK_BYTES (large layers need none: one chunk)."""
     shape, dtype, device, _, large = key

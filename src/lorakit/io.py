@@ -87,12 +87,21 @@ def relayout(buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mappi
     return out
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class BufferViews(Mapping[str, torch.Tensor]):
     """A file's tensors as views into its data section, each made when first asked for (a hotswap that copies the
     whole section needs none of them). ``moved``: start offsets of a relaid-out section (see aligned_layout)."""
 
     def __init__(self, buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mapping[str, int] | None = None):
         self.buffer, self.infos, self.moved, self._made = buffer, infos, moved, {}
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         made = self._made.get(key)
@@ -100,11 +109,21 @@ class BufferViews(Mapping[str, torch.Tensor]):
             dtype, shape, (start, end) = self.infos[key]
             if self.moved is not None:
                 start, end = self.moved[key], self.moved[key] + end - start
-            raw = self.buffer[start:end]
             if start % dtype.itemsize:  # misaligned for a view: copy this one tensor
-                raw = raw.clone()
-            made = self._made[key] = raw.view(dtype).view(shape)
+                made = self.buffer[start:end].clone().view(dtype).view(shape)
+            else:
+                # One tensor object per tensor, a view of the whole section in its dtype (slicing, then viewing as
+                # the dtype and the shape, kept two alive per tensor: ~1.5 us more to free each at unload)
+                made = self._typed_view(dtype).as_strided(shape, _contiguous_strides(shape), start // dtype.itemsize)
+            self._made[key] = made
         return made
+
+    def _typed_view(self, dtype: torch.dtype) -> torch.Tensor:
+        typed = self._typed.get(dtype)
+        if typed is None:
+            usable = self.buffer.numel() - self.buffer.numel() % dtype.itemsize
+            typed = self._typed[dtype] = self.buffer[:usable].view(dtype)
+        return typed
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)

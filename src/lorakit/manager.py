@@ -536,12 +536,15 @@ class LoraManager:
             self._unload(self._states(components), reset_to_overwritten_params)
 
     def _unload(self, states: list[ComponentState], reset: bool) -> None:
-        deltas = [d for s in states for name in s.adapters if name in self.adapters
-                  for d in self.adapters[name].layers.get(s.name, {}).values()]
-        batched.forget(deltas)  # one pass over the stack cache for every adapter unloaded
+        deltas = (d for s in states for name in s.adapters if name in self.adapters
+                  for d in self.adapters[name].layers.get(s.name, {}).values())
+        batched.forget(deltas)  # one pass over the stack cache for every adapter unloaded (none: not walked)
         for state in states:
             state.control.restore_norms(state.model)
-            batched.write_many([(layer, state.fused_part(path)) for path, layer in state.layers.items()])
+            if state.fused and state.enabled:  # what the user fused stays fused
+                batched.write_many([(layer, state.fused_part(path)) for path, layer in state.layers.items()])
+            else:
+                batched.restore_all(state.layers.values())
             for layer in state.layers.values():
                 layer.drop()
             for name in list(state.adapters):

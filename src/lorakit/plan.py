@@ -287,10 +287,7 @@ class SwitchPlan:
         leaves empty are restored where another plan merged something; chunks whose layers no longer hold what
         this plan last wrote are rewritten at the next run; its stacked branch factors and scale views go back on
         their layers, and every other branch is dropped."""
-        held = [layer for layer in self.empties if layer.applied != ()]
-        batched.restore([layer for layer in held if batched.can_restore(layer)])
-        for layer in held:
-            layer.write([])  # the rest, one by one (a no-op for those just restored)
+        batched.restore_all(self.empties)
         for mc in self.chunks:
             members = [layer for layer, _, _ in mc.chunk.members]
             if mc.last is not None and all(resolve(layer) == mc.signature(i) for i, layer in enumerate(members)):
