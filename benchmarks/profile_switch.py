@@ -107,9 +107,13 @@ def main() -> None:
     pipe.set_adapters(["a", "hs"], [0.5, 0.8])
     w = iter(range(10**6))
 
-    def forget_plans() -> None:  # the next set_adapters lays out a plan, as the first one after a load does
+    def forget_plans() -> None:  # the next set_adapters lays out a plan and its kernel layout, as a load does
         for state in pipe._lorakit_manager.states.values():
             state.forget_plans()
+
+    def forget_set_plans() -> None:  # ...a plan for a new adapter set, the loaded adapters' kernel layout kept
+        for state in pipe._lorakit_manager.states.values():
+            state._plan, state._plans = None, {}
 
     ops = {
         "set_adapters 1": lambda: pipe.set_adapters("a", 0.5 + 0.001 * next(w)),
@@ -123,6 +127,9 @@ def main() -> None:
         "hotswap file": lambda: pipe.load_lora_weights(str(swaps[next(w) % 2]), adapter_name="hs", hotswap=True),
         "hotswap dict": lambda: pipe.load_lora_weights(resident[next(w) % 2], adapter_name="hs", hotswap=True),
         "new plan, 2": lambda: (forget_plans(), pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8])),
+        "new set, 2": lambda: (forget_set_plans(), pipe.set_adapters(["a", "b"], [0.5 + 0.001 * next(w), 0.8])),
+        "new set, 4": lambda: (forget_set_plans(), pipe.set_adapters(list("abcd"), [0.5 + 0.001 * next(w), 0.6, 0.7,
+                                                                                    0.8])),
     }
     for name, fn in ops.items():
         fn()

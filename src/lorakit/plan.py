@@ -451,8 +451,9 @@ def build_merged(key: tuple, layers: dict[str, LayerState], adapters: Sequence[s
 
 def lay_out_kernel(key: tuple, layers: dict[str, LayerState], adapters: Sequence[str], fused: Sequence,
                    values: list[list[float]], resolve: Resolver) -> KernelLayout:
-    """The group kernel's parts for every layer it can write, with every adapter loaded on it whose factors it can
-    read (CUDA, fp16/bf16, ranks of 16k, aligned: see batched.kernel_factor), in one pass, as flat arrays with no
+    """The group kernel's parts for every layer it can write (CUDA, fp16/bf16; not the very large ones, which
+    cuBLAS merges faster: batched.LARGE_ELEMENTS), with every adapter loaded on it whose factors it can read (ranks
+    of 16k, aligned: see batched.kernel_factor), in one pass, as flat arrays with no
     per-chunk work and no stacks. The layers it cannot write, or whose fused entries it cannot read, are left to
     each plan (``general``); an adapter whose factors it cannot read on a layer (a rank-8 LoRA among rank-32 ones)
     sends that layer to the plan's general path only in plans where that adapter is live (``mixed``). ``values``:
@@ -533,7 +534,9 @@ def _kernel_layer(layer: LayerState, devices: dict[tuple, bool]) -> tuple[tuple,
     place = batched._placement(layer)
     if place is None:
         return None
-    shape, dtype, device, _ = place
+    shape, dtype, device, large = place
+    if large:  # cuBLAS's addmm from the backup streams these at ~2x the group kernel's rate (kernel_routes.py)
+        return None
     usable = devices.get((device, dtype))
     if usable is None:
         usable = devices[device, dtype] = batched.kernel_devices(device, dtype)
