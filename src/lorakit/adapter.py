@@ -95,6 +95,7 @@ class WeightDelta(ABC):
             setattr(self, k, v.to(device=device, dtype=dtype))
         self.__dict__.pop("_low_rank", None)
         self.__dict__.pop("_addresses", None)  # (batched.factor_addresses)
+        self.__dict__.pop("_layout", None)  # (hotswap.layout)
         return self
 
 
@@ -151,6 +152,10 @@ class LoraWeights(WeightDelta):
 
     def stable_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.low_rank() if self.mid is None else None  # (a Tucker core is folded into a new tensor)
+
+    def leaves(self) -> list[torch.Tensor]:
+        # (WeightDelta's walk over the fields, without it: a hotswap asks this of every delta, ~1000 per SDXL LoRA)
+        return [self.down, self.up] if self.mid is None else [self.down, self.up, self.mid]
 
     def unscaled_delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         up, down = self.low_rank()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from . import batched
-from .adapter import Adapter, WeightDelta
+from .adapter import Adapter, LoraWeights, WeightDelta
 from .io import LoraSource
 from .state import ComponentState
 
@@ -26,7 +26,18 @@ _STALE = itertools.count()
 
 
 def layout(delta: WeightDelta) -> tuple:
-    """Everything but tensor values: the type, each tensor's shape/dtype/device, the other fields (alpha, layout)."""
+    """Everything but tensor values: the type, each tensor's shape/dtype/device, the other fields (alpha, layout).
+    Kept on the delta (a hotswap copies values only; moving it drops this): a swap compares ~1000 pairs."""
+    known = delta.__dict__.get("_layout")
+    if known is None:
+        known = delta.__dict__["_layout"] = _layout(delta)
+    return known
+
+
+def _layout(delta: WeightDelta) -> tuple:
+    if type(delta) is LoraWeights:  # (the common case, without the walk over its fields)
+        tensors = (delta.down, delta.up) if delta.mid is None else (delta.down, delta.up, delta.mid)
+        return (LoraWeights, delta.alpha, *((t.shape, t.dtype, t.device) for t in tensors))
     parts: list = [type(delta)]
     for name, value in sorted(vars(delta).items()):
         if name.startswith("_"):  # caches (``_low_rank``) are derived from the fields
@@ -34,7 +45,7 @@ def layout(delta: WeightDelta) -> tuple:
         if isinstance(value, torch.Tensor):
             parts.append((name, tuple(value.shape), value.dtype, value.device))
         elif isinstance(value, WeightDelta):
-            parts.append((name, layout(value)))
+            parts.append((name, _layout(value)))
         else:
             parts.append((name, value))
     return tuple(parts)

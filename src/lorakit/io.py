@@ -7,6 +7,7 @@ unpickled: they are refused unless the caller opts in, and are then read with ``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -87,6 +88,7 @@ def relayout(buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mappi
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
