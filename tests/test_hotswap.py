@@ -324,3 +324,17 @@ def test_hotswap_of_a_denoiser_only_file_into_a_full_adapter(mode, tmp_path):
     assert all(deltas[p] is d for p, d in manager.adapters["slot"].layers["unet"].items())
     fresh.load_lora_weights(dict(again), adapter_name="slot", hotswap=True)
     assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+
+
+def test_delta_layouts_follow_a_move():
+    """hotswap.layout is kept on the delta (a swap compares ~1000 pairs); moving the delta drops it, so a swap never
+    matches a delta by where its tensors used to be."""
+    from lorakit.adapter import LoraWeights
+    from lorakit.hotswap import layout
+    delta = LoraWeights(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=4.0)
+    assert layout(delta) == layout(LoraWeights(down=torch.ones(4, 8), up=torch.ones(8, 4), alpha=4.0))
+    assert layout(delta) != layout(LoraWeights(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=2.0))
+    delta.to(dtype=torch.float16)
+    assert layout(delta) == layout(LoraWeights(down=torch.zeros(4, 8, dtype=torch.float16),
+                                               up=torch.zeros(8, 4, dtype=torch.float16), alpha=4.0))
+    assert delta.leaves() == [delta.down, delta.up]

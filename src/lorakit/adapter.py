@@ -93,10 +93,14 @@ class WeightDelta(ABC):
         """Move every tensor in place; returns self."""
         for k, v in self.tensors().items():
             setattr(self, k, v.to(device=device, dtype=dtype))
+        self._drop_caches()
+        return self
+
+    def _drop_caches(self) -> None:
+        """Forget what was derived from the tensors' places (after a move)."""
         self.__dict__.pop("_low_rank", None)
         self.__dict__.pop("_addresses", None)  # (batched.factor_addresses)
         self.__dict__.pop("_layout", None)  # (hotswap.layout)
-        return self
 
 
 class WrappedDelta(WeightDelta):
@@ -119,9 +123,10 @@ class WrappedDelta(WeightDelta):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WrappedDelta:
         self.inner.to(device, dtype)
-        for k, v in vars(self).items():
+        for k, v in list(vars(self).items()):
             if isinstance(v, torch.Tensor):
                 setattr(self, k, v.to(device=device, dtype=dtype))
+        self._drop_caches()
         return self
 
 
