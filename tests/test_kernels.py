@@ -60,6 +60,21 @@ def test_try_merge_declines_off_cuda():
     assert not k._READY  # nothing was compiled
 
 
+def test_group_tables_leave_layers_too_large_for_32_bit_indices():
+    """The group kernel indexes a layer's tiles in int32: a layer of 2**31 elements or more (or factors that large)
+    is reported, for the chunk route, as misaligned ones are."""
+    pytest.importorskip("triton")
+    k = _fresh_kernels()
+    anchor = torch.zeros(64, dtype=torch.float16)
+    at = anchor.data_ptr()
+    fits = [64, 32768, at, at, 1, at, at, 16]
+    huge = [65536, 32768, at, at, 1, at, at, 16]  # M * N = 2**31
+    tables, bad = k.group_tables([fits, huge, fits], anchor)
+    assert tables is None and bad == [1]
+    tables, bad = k.group_tables([fits, fits], anchor)
+    assert tables is not None and bad == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compiled_kernel_matches_addmm(dtype):

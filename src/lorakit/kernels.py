@@ -93,9 +93,12 @@ if triton is not None:
         weights = mults + member * MULTS_WIDTH
         if tl.load(weights + MULTS_WIDTH - 1) != 0:  # the last column flags the layers this switch rewrites
             row = table + member * WIDTH
-            local = tile - tl.load(row)
-            M = tl.load(row + 1)
-            N = tl.multiple_of(tl.load(row + 2), 16)
+            # Index math on tiles in int32, as the chunk kernel's (program ids): the table's entries are int64, and
+            # left as they are they made every element's address arithmetic 64-bit (group_tables keeps each layer's
+            # M * N, M * rank and rank * N below 2**31)
+            local = (tile - tl.load(row)).to(tl.int32)
+            M = tl.load(row + 1).to(tl.int32)
+            N = tl.multiple_of(tl.load(row + 2).to(tl.int32), 16)
             out = anchor + tl.multiple_of(tl.load(row + 3), 16)
             base = anchor + tl.multiple_of(tl.load(row + 4), 16)
             adapters = tl.load(row + 5)
@@ -103,7 +106,7 @@ if triton is not None:
             rows = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             inside = (rows[:, None] < M) & (cols[None, :] < N)
-            at = rows[:, None].to(tl.int64) * N + cols[None, :]
+            at = rows[:, None] * N + cols[None, :]
             held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             touched = member * 0
@@ -116,7 +119,7 @@ if triton is not None:
                     # switch from ~12 to ~55 ms; such layers take the chunk route, see group_tables)
                     up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
                     down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
-                    rank = tl.multiple_of(tl.load(row + 8 + 3 * j), 16)
+                    rank = tl.multiple_of(tl.load(row + 8 + 3 * j).to(tl.int32), 16)
                     for k in range(0, rank, BLOCK_K):
                         kk = k + tl.arange(0, BLOCK_K)
                         a = tl.load(up + rows[:, None] * rank + kk[None, :],
@@ -254,7 +257,10 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     table, tiles, width = _table(layers, origin)
     where = _address_columns(width)
     offsets = table[:, where] - origin
-    bad = (offsets % (16 * anchor.itemsize)).any(1) | (table[:, 8::3] % 16).any(1)
+    ranks = table[:, 8::3]
+    sizes = torch.stack([table[:, 1] * table[:, 2], table[:, 1] * ranks.max(1).values,
+                         ranks.max(1).values * table[:, 2]], 1)  # (the kernel's index math is 32-bit)
+    bad = (offsets % (16 * anchor.itemsize)).any(1) | (ranks % 16).any(1) | (sizes >= 2 ** 31).any(1)
     if bool(bad.any()):
         return None, bad.nonzero().flatten().tolist()
     if bool((table[:, 2] % 16).any()):
