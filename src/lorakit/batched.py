@@ -17,7 +17,8 @@ GPU time than the ~50 us of host time per call costs (benchmarks/profile_switch.
 
 On CUDA in fp16/bf16 switch plans merge most layers without any of this: one launch of the group kernel for all of
 them, reading the factors where they are (:class:`Segment`, kernels.py); the groups here take the rest (factors off
-alignment, ranks that are not multiples of 16, fp32, the CPU, and every layer while that kernel compiles).
+alignment, ranks that are not multiples of 16, very large layers, fp32, the CPU, and every layer while that kernel
+compiles).
 
 Numerics match the per-layer path: each adapter's multiplier is applied to its ``up`` factor in fp32 and rounded
 once to the compute dtype; on the GPU the product runs in the weight's dtype (cuBLAS accumulates in fp32).
