@@ -32,7 +32,11 @@ def test_batched_merge_matches_per_layer(batched_on_cpu, dtype):
     for name, p in pipes[0].unet.named_parameters():
         q = pipes[1].unet.get_parameter(name)
         assert torch.allclose(p, q, atol=tol, rtol=0), name
-    base = family("sd15").build(dtype).unet
+    _assert_unloaded_to_base(pipes, family("sd15").build(dtype).unet)
+
+
+def _assert_unloaded_to_base(pipes, base) -> None:
+    """unfuse + unload give every pipe's UNet back the base weights, bit for bit."""
     for pipe in pipes:
         pipe.unfuse_lora()
         pipe.unload_lora_weights()
@@ -209,12 +213,7 @@ def test_kernel_parts_fall_back_while_the_kernel_compiles(batched_on_cpu, monkey
         assert any(state._plan.kernel for state in managers[0].states.values())  # the kernel parts were laid out
         for name, p in pipes[0].unet.named_parameters():
             assert torch.equal(p, pipes[1].unet.get_parameter(name)), name
-    base = fam.build(dtype).unet
-    for pipe in pipes:
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
-        for name, p in pipe.unet.named_parameters():
-            assert torch.equal(p, base.get_parameter(name)), name
+    _assert_unloaded_to_base(pipes, fam.build(dtype).unet)
 
 
 def test_one_kernel_layout_serves_every_adapter_set(batched_on_cpu, monkeypatch):

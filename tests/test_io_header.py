@@ -78,3 +78,20 @@ def test_kohya_data_section_relaid_out_aligned(tmp_path):
     aligned = tmp_path / "a.safetensors"  # PEFT files (no alphas, sizes of 16k elements) need no relayout
     save_file({k: v for k, v in sd.items() if k.endswith("weight")}, str(aligned))
     assert aligned_layout(read_safetensors_header(aligned)[0]) is None
+
+
+def test_buffer_views_are_single_views_at_the_right_bytes():
+    """A file's tensors are views into its data section, one tensor object each, at their byte ranges, also when
+    the section is itself a view at an offset; a tensor off its dtype's alignment is copied instead."""
+    from lorakit.io import BufferViews, TensorInfo
+    whole = torch.arange(80, dtype=torch.uint8)
+    section = whole[8:]
+    infos = {"a": TensorInfo(torch.float16, (2, 3), (4, 16)), "b": TensorInfo(torch.float32, (2,), (16, 24)),
+             "odd": TensorInfo(torch.float16, (2,), (25, 29))}
+    views = BufferViews(section, infos)
+    for key, (dtype, shape, (start, end)) in infos.items():
+        got = views[key]
+        assert torch.equal(got, section[start:end].clone().view(dtype).view(shape)), key
+        if key != "odd":
+            assert got.data_ptr() == section[start:].data_ptr() and got._base is not None and got._base._base is None
+    assert views["odd"].data_ptr() != section[25:].data_ptr()

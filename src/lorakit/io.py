@@ -116,7 +116,8 @@ class BufferViews(Mapping[str, torch.Tensor]):
             else:
                 # One tensor object per tensor, a view of the whole section in its dtype (slicing, then viewing as
                 # the dtype and the shape, kept two alive per tensor: ~1.5 us more to free each at unload)
-                made = self._typed_view(dtype).as_strided(shape, _contiguous_strides(shape), start // dtype.itemsize)
+                typed = self._typed_view(dtype)
+                made = typed.as_strided(shape, _contiguous_strides(shape), typed.storage_offset() + start // dtype.itemsize)
             self._made[key] = made
         return made
 
