@@ -197,7 +197,7 @@ class _KernelPart:
         self.stale[members] = True
 
 
-# build_merged's record of one layer the group kernel takes: (layer, its deltas, its row of F, their columns, their
+# lay_out_kernel's record of one layer the group kernel takes: (layer, its deltas, its row of F, their columns, their
 # static multipliers, its addresses (see kernels.group_tables), whether it holds them already)
 _Member = tuple[LayerState, list[WeightDelta], int, list[int], list[float], list[int], bool]
 
