@@ -96,13 +96,24 @@ def check(shapes: Mapping[str, Shape], module: nn.Module) -> str | None:
     return problem
 
 
+_KINDS: dict[frozenset[str], tuple[Algorithm, str | None, str | None] | None] = {}
+
+
+def _kind(names: frozenset[str]) -> tuple[Algorithm, str | None, str | None] | None:
+    """(algorithm, DoRA field, bias field) of a module's field names, worked out once per set of names (a load
+    builds ~1000 modules of a handful of kinds)."""
+    if names not in _KINDS:
+        found = detect(set(names))
+        _KINDS[names] = None if found is None else (*found, bias_field(set(names)))
+    return _KINDS[names]
+
+
 def build(tensors: dict[str, torch.Tensor], alpha: float | None) -> WeightDelta:
     """The delta of one module from its tensors by field (``alpha`` already read into ``alpha``)."""
-    found = detect(set(tensors))
+    found = _kind(frozenset(tensors))
     if found is None:
         raise ValueError(f"fields {sorted(tensors)} are not a known algorithm")
-    algo, mag = found
-    bias = bias_field(set(tensors))
+    algo, mag, bias = found
     delta = algo.build({k: v for k, v in tensors.items() if k not in dora.FIELDS and k != bias}, alpha)
     delta = dora.wrap(delta, mag, tensors[mag]) if mag else delta
     return full.BiasAdded(delta, tensors[bias], scaled=bias == LORA_BIAS) if bias else delta
