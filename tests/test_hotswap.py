@@ -338,3 +338,41 @@ def test_delta_layouts_follow_a_move():
     assert layout(delta) == layout(LoraWeights(down=torch.zeros(4, 8, dtype=torch.float16),
                                                up=torch.zeros(8, 4, dtype=torch.float16), alpha=4.0))
     assert delta.leaves() == [delta.down, delta.up]
+
+
+def _built_by_swaps(monkeypatch) -> list:
+    """Calls of build_adapter (each hotswap that built the new file's deltas)."""
+    from lorakit import manager as manager_module
+    built = []
+    real = manager_module.build_adapter
+    monkeypatch.setattr(manager_module, "build_adapter", lambda *a, **k: built.append(1) or real(*a, **k))
+    return built
+
+
+@pytest.mark.parametrize(("fmt", "alpha", "copied"), [("peft", 4.0, True), ("kohya", 4.0, True), ("kohya", 2.0, False)])
+def test_denoiser_only_hotswap_copies_without_building_deltas(fmt, alpha, copied, tmp_path, monkeypatch):
+    """A denoiser-only checkpoint in the format of the full file the adapter came from, with the same alphas, is
+    copied into the adapter's tensors by key, without building its deltas (then, the adapter reaching the denoiser
+    only, the next one is a same-layout copy); one whose alphas differ builds its deltas. Each result equals a fresh
+    load of the file, and the text encoder's weights come back bit-exactly."""
+    fam = family("sd15")
+    pipe = fam.build()
+    base_te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    manager = lorakit.attach(pipe, mode="merge")
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 1, fmt, rank=8, alpha=4.0), tmp_path / "full.safetensors"),
+                           adapter_name="slot")
+    built = _built_by_swaps(monkeypatch)
+    for i in range(2):
+        unet_only = write(lora_state_dict(pipe, fam, 2 + i, fmt, rank=8, text_encoders=False, alpha=alpha),
+                          tmp_path / f"unet{i}.safetensors")
+        built.clear()
+        pipe.load_lora_weights(unet_only, adapter_name="slot", hotswap=True)
+        assert bool(built) == (i == 0 and not copied), (i, built)
+        assert pipe.get_list_adapters() == {"unet": ["slot"]}
+        assert all(torch.equal(p, base_te[name]) for name, p in pipe.text_encoder.named_parameters())
+        fresh = fam.build()
+        lorakit.attach(fresh, mode="merge")
+        fresh.load_lora_weights(unet_only, adapter_name="slot")
+        assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
+    assert manager.adapters["slot"].components == ["unet"]

@@ -19,10 +19,12 @@ import torch
 from . import batched
 from .adapter import Adapter, LoraWeights, WeightDelta
 from .io import LoraSource
+from .loading import LoadPlan
 from .state import ComponentState
 
 # What a layer's ``applied`` says once its delta's values changed under it: matches no signature and no plan's mark.
 _STALE = itertools.count()
+_UNREAD = object()  # an alpha copyable_subset cannot compare
 
 
 def layout(delta: WeightDelta) -> tuple:
@@ -133,11 +135,55 @@ def can_copy_tensors(old: Adapter, layout: tuple | None, tensors: Mapping[str, t
             and all(key in tensors for _, key in old.origins))
 
 
-@torch.no_grad()
 def copy_tensors(old: Adapter, tensors: Mapping[str, torch.Tensor], states: list[ComponentState]) -> None:
     """The hotswap of a source laid out as ``old``'s (see :func:`can_copy_tensors`): each of its tensors copied into
     the one the deltas hold (multi-tensor copies), then :func:`refresh`."""
-    dst, src = [t for t, _ in old.origins], [tensors[key] for _, key in old.origins]
+    copy_into(old, [t for t, _ in old.origins], [tensors[key] for _, key in old.origins], states)
+
+
+def copyable_subset(old: Adapter, plan: LoadPlan, tensors: Mapping[str, torch.Tensor], alphas: Mapping[str, float]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]] | None:
+    """For a source that reaches only some of the components ``old`` reaches, every module there read by the same
+    keys, shapes, dtypes and alpha as the file ``old`` was built from (a denoiser-only checkpoint of a run that also
+    trained the text encoders, in the same format): ``(old's tensors, the source's tensors to copy into them, the
+    components it leaves)``, worked out from the load plan without building the source's deltas; else None."""
+    if not old.origins:
+        return None
+    held = {key: t for t, key in old.origins}
+    reached: dict[str, set[str]] = {}
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    for m in plan.modules:
+        delta = old.layers.get(m.component, {}).get(m.path)
+        if delta is None or m.rows is not None or m.swap_halves or m.pad_to is not None or m.widen_to is not None:
+            return None
+        fields = m.keys.fields
+        alpha = alphas.get(fields["alpha"], _UNREAD) if "alpha" in fields else m.alpha  # (as build_delta reads it)
+        if alpha is _UNREAD or (alpha if alpha != 0 else None) != getattr(delta, "alpha", _UNREAD):
+            return None
+        mine = []
+        for field, key in fields.items():
+            if field == "alpha":
+                continue
+            t, new = held.get(key), tensors.get(key)
+            if t is None or new is None or t.shape != new.shape or t.dtype != new.dtype:
+                return None
+            mine.append(t)
+        if {id(t) for t in delta.leaves()} != {id(t) for t in mine}:  # the same fields, read from the same keys
+            return None
+        dst += mine
+        src += [tensors[fields[f]] for f in fields if f != "alpha"]
+        reached.setdefault(m.component, set()).add(m.path)
+    modules = {c: set(m) for c, m in old.layers.items() if m}
+    left = [c for c in modules if c not in reached]
+    if not left or any(modules.get(c) != paths for c, paths in reached.items()):
+        return None
+    return dst, src, left
+
+
+@torch.no_grad()
+def copy_into(old: Adapter, dst: list[torch.Tensor], src: list[torch.Tensor], states: list[ComponentState]) -> None:
+    """Copy ``src`` into ``dst`` (tensors of ``old``'s deltas), then :func:`refresh`."""
     if all(a.device == b.device for a, b in zip(dst, src)):
         torch._foreach_copy_(dst, src)
     else:  # a state dict in host memory for a model on the GPU: tensor by tensor

@@ -207,7 +207,8 @@ class LoraManager:
                                    f"before the first load. Adapter {adapter_name!r} is unchanged.")
         tensors = source.load(self._load_device(plan))
         old = self.adapters[adapter_name]
-        alphas = tuple(file_alphas(plan, tensors).values())
+        by_key = file_alphas(plan, tensors)
+        alphas = tuple(by_key.values())
         # (the value copies need every module the file targets still there: not after a delete from a component)
         intact = old.num_modules() == len(plan.modules)
         if intact and swapping.can_copy_buffer(old, plan.layout, source, alphas):
@@ -215,6 +216,13 @@ class LoraManager:
             return self._swapped(old, source.name, source.metadata)
         if intact and swapping.can_copy_tensors(old, plan.layout, tensors, alphas):
             swapping.copy_tensors(old, tensors, list(self.states.values()))  # same keys, shapes, dtypes: copy each
+            return self._swapped(old, source.name, source.metadata)
+        copyable = swapping.copyable_subset(old, plan, tensors, by_key)
+        if copyable is not None:  # fewer components, the same keys there: copied in place, no deltas built
+            dst, src, left = copyable
+            swapping.copy_into(old, dst, src, list(self.states.values()))
+            self._leave_all(old, left)
+            old.format, old.layout, old.alphas = plan.parsed.format, plan.layout, alphas
             return self._swapped(old, source.name, source.metadata)
         new = build_adapter(plan, adapter_name, self.states, tensors)
         pairs = swapping.matching_pairs(old, new)
@@ -226,10 +234,7 @@ class LoraManager:
         if subset is not None:  # the same layout in fewer components: in place there, the adapter leaves the rest
             pairs, left = subset
             swapping.swap_values(old, pairs, list(self.states.values()))
-            for comp in left:
-                self._leave(adapter_name, self.states[comp])
-            kept = {id(t) for modules in old.layers.values() for d in modules.values() for t in d.leaves()}
-            old.origins = [(t, key) for t, key in old.origins if id(t) in kept]  # (for the next tensor-copy swap)
+            self._leave_all(old, left)
             old.format, old.layout, old.alphas = new.format, new.layout, new.alphas
             return self._swapped(old, new.source, new.metadata)
         batched.forget(d for modules in old.layers.values() for d in modules.values())
@@ -257,6 +262,14 @@ class LoraManager:
             state.version += 1
             state.sync()
         return adapter_name
+
+    def _leave_all(self, adapter: Adapter, components: list[str]) -> None:
+        """A hotswapped adapter leaves the components its new file does not reach; it keeps the file keys of the
+        tensors it still holds (for the next tensor-copy swap)."""
+        for comp in components:
+            self._leave(adapter.name, self.states[comp])
+        kept = {id(t) for modules in adapter.layers.values() for d in modules.values() for t in d.leaves()}
+        adapter.origins = [(t, key) for t, key in adapter.origins if id(t) in kept]
 
     def _leave(self, name: str, state: ComponentState) -> None:
         """A hotswap's adapter leaves a component its new file does not reach (as a new structure would: no other
