@@ -299,14 +299,14 @@ def build_adapter(plan: LoadPlan, name: str, states: Mapping[str, ComponentState
     layers: dict[str, dict[str, WeightDelta]] = {}
     built: dict[int, tuple[WeightDelta, tuple]] = {}  # a fused file layer is built once and split over its targets
     alphas = file_alphas(plan, tensors)
-    numbers = {key: torch.tensor(value) for key, value in alphas.items()}  # host copies: no device sync per module
+    numbers = alphas  # the file's alphas as numbers (read in one transfer): no device sync per module
     placed: dict[tuple, torch.Tensor] = {}  # (key, (device, dtype)) -> converted copy
     owned: dict[str, torch.Tensor] = {}  # key -> our copy of a caller's tensor
     origins: dict[int, str] = {}  # id of a tensor the deltas hold as read -> its key
     borrowed = plan.source.path is None  # an in-memory state dict: its tensors belong to the caller
 
     def reader(where: tuple | None) -> Callable[[str], torch.Tensor]:
-        def read(key: str) -> torch.Tensor:  # each file tensor converted once, and only if it must be
+        def read(key: str) -> torch.Tensor | float:  # each file tensor converted once, only if it must be
             if key in numbers:
                 return numbers[key]
             t = tensors[key]

@@ -22,12 +22,14 @@ def check_shapes(entry: ModuleKeys, shapes: Mapping[str, Shape], module: nn.Modu
     return algorithms.check({f: shapes[k] for f, k in entry.fields.items()}, module)
 
 
-def build_delta(entry: ModuleKeys, get: Callable[[str], torch.Tensor], alpha: float | None,
+def build_delta(entry: ModuleKeys, get: Callable[[str], torch.Tensor | float], alpha: float | None,
                 target_shape: tuple[int, ...] | None = None) -> WeightDelta:
-    """Make the delta of one module from its tensors; ``alpha`` from the file's ``.alpha`` key wins over the one given.
-    ``target_shape`` (the weight it goes to, when known) settles layouts the tensors alone leave open."""
+    """Make the delta of one module from its tensors; ``alpha`` from the file's ``.alpha`` key wins over the one given
+    (``get`` may give it as a number, read beforehand). ``target_shape`` (the weight it goes to, when known) settles
+    layouts the tensors alone leave open."""
     if "alpha" in entry.fields:
-        alpha = float(get(entry.fields["alpha"]).float().item())
+        value = get(entry.fields["alpha"])
+        alpha = value if isinstance(value, float) else float(value.float().item())
     if alpha is not None and alpha == 0:
         alpha = None  # kohya/LyCORIS: alpha 0 means alpha = rank (OFT: no constraint)
     delta = algorithms.build({k: get(v) for k, v in entry.fields.items() if k != "alpha"}, alpha)
