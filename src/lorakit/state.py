@@ -196,7 +196,8 @@ class ComponentState:
     def _next_plan(self, key: tuple, mode: str, live: list, fused: list[FusedEntry], factors: list[float | None],
                    per_path: dict[int, list[float]]) -> plan.SwitchPlan:
         """A plan for a new structure: one set aside earlier (switching back to an adapter set: no Python per layer,
-        no restacking), else a new one."""
+        no restacking), else a new one; in merge mode a new one shares the group kernel's layout of the loaded
+        adapters, laid out once per load, delete or fuse (plan.KernelLayout)."""
         resolve = plan.resolver([*self._plans.values(), *([self._plan] if self._plan is not None else [])],
                                 list(self._layouts.values()))
         kept = self._plans.pop(key, None)
