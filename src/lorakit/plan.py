@@ -238,11 +238,7 @@ class KernelLayout:
         return sorted(rows.difference(self.general)) if rows else []
 
     def widen(self, table: torch.Tensor, live: Sequence[str]) -> torch.Tensor:
-        """The layout's table ``[layers, loaded + 1]`` from a plan's ``[layers, live + 1]``: adapters out of the mix
-        at 0."""
-        full = torch.zeros(table.shape[0], len(self.position) + 1, dtype=table.dtype)
-        full[:, [*(self.position[name] for name in live), -1]] = table
-        return full
+        return _widen(table, self.position, live)
 
     def reactivate(self, resolve: Resolver) -> None:
         for part in self.parts:
@@ -382,6 +378,14 @@ def resolver(plans: list[SwitchPlan], layouts: Sequence[KernelLayout] = ()) -> R
     return resolve
 
 
+def _widen(table: torch.Tensor, position: dict[str, int], live: Sequence[str]) -> torch.Tensor:
+    """A layout's table ``[layers, loaded + 1]`` from a plan's ``[layers, live + 1]`` (``position``: each loaded
+    adapter's column): adapters out of the mix at 0."""
+    full = torch.zeros(table.shape[0], len(position) + 1, dtype=table.dtype)
+    full[:, [*(position[name] for name in live), -1]] = table
+    return full
+
+
 def _factor_table(n: int, factors: Sequence[float | None], per_path: dict[int, list[float]]) -> torch.Tensor:
     """F [n, live + 1] in float64 (the last column is the fused slots' constant 1)."""
     table = torch.ones(n, len(factors) + 1, dtype=torch.float64)
@@ -426,17 +430,15 @@ def build_merged(key: tuple, layers: dict[str, LayerState], adapters: Sequence[s
     if isinstance(layout, KernelLayout):
         layout.reactivate(resolve)
     else:
-        position = {name: i for i, name in enumerate(adapters)}
-        widened = KernelLayout(layout, [], [], position).widen(table, live).tolist()
-        layout = lay_out_kernel(layout, layers, adapters, fused, widened, resolve)
+        first = _widen(table, {name: i for i, name in enumerate(adapters)}, live).tolist()
+        layout = lay_out_kernel(layout, layers, adapters, fused, first, resolve)
     plan.layout = layout
     outside = layout.outside(live)
     if outside:  # members a live adapter's factors on them keep from the kernel: on this plan's general path
         rows = torch.tensor(outside)
         plan.skips = [torch.isin(part.rows, rows) for part in layout.parts]
     values = table.tolist()
-    order = [(j, name) for name, j in sorted(((name, j) for j, name in enumerate(live)),
-                                             key=lambda item: layout.position[item[0]])]
+    order = sorted(enumerate(live), key=lambda item: layout.position[item[1]])  # (column, name) in load order
     general: list[tuple[int, LayerState, list[Slot], list[Slot]]] = []
     for row in sorted(layout.general + outside) if outside else layout.general:
         path = paths[row]
