@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import WeightDelta
+from .wide import WideLinear
 
 if TYPE_CHECKING:
     from .pool import Group, Pool
@@ -58,6 +59,8 @@ class LayerState:
     _epoch: int = 0  # the group's epoch the branch was last set for (0: none yet)
     _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
+    widenable: bool = False  # a plain nn.Linear running on the subclass: eager inference may use a WideLinear
+    wide: WideLinear | None = None  # the weight re-homed into [W; s*A] (lorakit.wide), kept until drop
 
     @property
     def weight(self) -> torch.Tensor:
@@ -234,16 +237,19 @@ class LayerState:
         if on == bool(self._running):
             return
         module = self.module
+        if not on and self.wide is not None and not self.wide.homed(module):
+            self.wide = None  # the module moved (.to()): the old matrix holds nothing of it any more
         if on and "forward" in module.__dict__:
             self._running = module.register_forward_hook(self._hooked)
         elif on:
             module._lorakit_layer = self
             module.__class__ = _branch_class(type(module))
             self._running = True
+            self.widenable = module._lorakit_base.forward is nn.Linear.forward and "weight" in module._parameters
         elif self._running is True:
             module.__class__ = module.__class__._lorakit_base
             del module._lorakit_layer
-            self._running = False
+            self._running = self.widenable = False
         else:
             self._running.remove()
             self._running = False
@@ -251,15 +257,46 @@ class LayerState:
     def _hooked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.run_branch(module, inputs[0], output)
 
+    def live(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """(branch factors, per-rank scale) for an eager forward: the group's span is picked up when it moved."""
+        group = self.group
+        if group is not None and self._epoch != group.epoch:
+            return self.current()
+        return self.branch, self.branch_scale
+
+    def run_wide(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output with its branch in two kernels (see :mod:`lorakit.wide`), or None where the plain
+        branch must run (no branch, a dtype the matrix does not have, factors elsewhere than the weight)."""
+        branch, scale = self.live()
+        if branch is None:
+            return None
+        wide = self.wide
+        if wide is None or not wide.homed(module) or x.dtype != wide.matrix.dtype or not wide.fits(branch, scale):
+            wide = self._widen(module, x, branch, scale)
+            if wide is None:
+                return None
+        return wide(x)
+
+    def _widen(self, module: nn.Module, x: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor],
+               scale: torch.Tensor) -> WideLinear | None:
+        """Re-home the weight into a matrix with room for this branch (and for every adapter in the layer's pool,
+        so that later sets fit): one copy of the weight, at the first forward or when the ranks outgrow it."""
+        w = module._parameters["weight"]
+        down = branch[0]
+        if not (w.is_floating_point() and x.dtype == w.dtype == down.dtype == scale.dtype
+                and down.device == w.device and down.shape[1] == w.shape[1]):
+            return None
+        capacity = max(down.shape[0], self.pool.down.shape[0] if self.pool is not None else 0)
+        self.wide = WideLinear(module, capacity)
+        self.wide.fits(branch, scale)
+        return self.wide
+
     def run_branch(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output`` (the layer's own) plus this layer's branch on its input ``x``."""
-        group = self.group
-        if group is not None and torch.compiler.is_compiling():
+        if self.group is not None and torch.compiler.is_compiling():
             branch, scale = self.current(keep=False)  # views made in the graph: no guard on this layer's bookkeeping
-        elif group is not None and self._epoch != group.epoch:
-            branch, scale = self.current()  # eager: the span changed since the last forward
         else:
-            branch, scale = self.branch, self.branch_scale
+            branch, scale = self.live()
         if branch is None:
             return output
         a, b = branch
@@ -267,7 +304,8 @@ class LayerState:
             hidden = F.conv2d(x, a, None, module.stride, module.padding, module.dilation)
             return output + F.conv2d(hidden * scale[:, None, None], b)
         hidden = F.linear(x, a)
-        if output.requires_grad or not output.is_contiguous():  # training: out of place, autograd sees every step
+        if output.requires_grad or not output.is_contiguous() or output.dtype != b.dtype:
+            # training (autograd sees every step) or autocast (F.linear casts the factors): out of place
             return output + F.linear(hidden * scale, b)
         # Inference: 3 kernels, no new activation: scale the small hidden in place, add the expand into the output
         hidden.mul_(scale)
@@ -285,6 +323,9 @@ class LayerState:
         self.group = self.pool = None
         if self.branch is not None or self._running:
             self.set_branch([])
+        if self.wide is not None:
+            self.wide.release(self.module)
+            self.wide = None
         self.base = self.base_bias = None
         self.applied = ()
         self.deltas.clear()
@@ -300,7 +341,13 @@ def _branch_class(cls: type) -> type:
         base_forward = cls.forward
 
         def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            return self._lorakit_layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
+            layer = self._lorakit_layer
+            # (compiling first: a traced graph never reads the wide path's bookkeeping, so it adds no guards)
+            if layer.widenable and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+                out = layer.run_wide(self, input)
+                if out is not None:
+                    return out
+            return layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
 
         made = _BRANCH_CLASSES[cls] = type(cls.__name__, (cls,), {
             "forward": forward, "_lorakit_base": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__,

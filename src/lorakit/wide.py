@@ -1,0 +1,107 @@
+"""Branch mode's eager fast path for Linear layers: the base GEMM also computes the branch's shrink.
+
+An eager diffusers denoiser on a fast GPU is bound by host time (an SDXL UNet at 1024 px on an H200: the host takes
+~60 of a 63 ms step), so a runtime branch costs what it adds in Python and kernel launches per layer. A branch run
+as ``linear, shrink, scale, expand`` took an SDXL step to 1.64x base; one GEMM against the weight widened by the
+scaled down factors, ``[W; s*A]`` (and the bias by zeros), yields the output and the branch's hidden at once, and one
+``addmm_`` adds the expand into the output's columns: 1.28x (``benchmarks/branch_variants.py``).
+
+:class:`WideLinear` re-homes the module's weight (and bias) as the first rows of that wider matrix: the parameter
+keeps its identity and its values (every write to it lands in the matrix), only its storage moves. The other rows
+are rewritten from the branch's factors and per-rank multipliers whenever those change (tracked by identity and
+version counters, so in-place rewrites by a set_adapters or a hotswap are seen). What it returns is a view of the
+GEMM's output (the output columns, row stride ``out + rank``): it splits and flattens like a contiguous tensor
+except across its last dimension (``.view(-1)`` needs ``.reshape``). Inference only: with grad enabled, under
+``torch.compile``, for Conv2d, subclasses with their own forward, or mismatched dtypes the layer runs the plain
+branch.
+
+Memory: ``capacity`` extra rows per widened layer (the layer's factor pool's capacity: the down factors of every
+adapter loaded on it, a second time), and one copy of the weight each time it is widened (once, unless the ranks
+outgrow the capacity or the module moves).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+def _all_zero(scale: torch.Tensor) -> bool:
+    """Whether every multiplier of the buffer ``scale`` views (a group's vector, a switch plan's buffer) is 0. Noted
+    on the buffer with its version: one host sync per buffer and change, not one per layer."""
+    root = scale if scale._base is None else scale._base
+    seen = getattr(root, "_lorakit_zero", None)
+    if seen is None or seen[0] != root._version:
+        seen = root._lorakit_zero = (root._version, not bool(root.any()))
+    return seen[1]
+
+
+class WideLinear:
+    """A Linear's weight and bias as the first rows of ``[W; s*A]`` and ``[b; 0]``, with the expand's factor."""
+
+    def __init__(self, module: nn.Linear, capacity: int) -> None:
+        w = module._parameters["weight"]
+        b = module._parameters["bias"]
+        out, k = w.shape
+        with torch.no_grad():
+            self.matrix = w.new_empty(out + capacity, k)
+            self.matrix[:out].copy_(w)
+            self.bias = None
+            if b is not None:
+                self.bias = b.new_zeros(out + capacity)
+                self.bias[:out].copy_(b)
+        # assigning .data keeps the Parameter object (and anything holding it) and its values: only storage moves
+        w.data = self.matrix[:out]
+        if b is not None:
+            b.data = self.bias[:out]
+        self.out, self.capacity = out, capacity
+        self.source: tuple | None = None  # (down, scale, their versions): what the rows hold
+        self.used = self.used_bias = self.up = None
+        self.sizes = (out, 0)
+        self.base = (self.matrix[:out], None if b is None else self.bias[:out])
+        self.idle = False  # every multiplier 0 (a call-time scale of 0): the plain layer runs, bit for bit the base
+
+    def homed(self, module: nn.Module) -> bool:
+        """Whether the module's parameters still live in the matrix (``.to()``/``.half()`` replace their data)."""
+        b = module._parameters["bias"]
+        return (module._parameters["weight"].data_ptr() == self.matrix.data_ptr()
+                and (b.data_ptr() == self.bias.data_ptr() if b is not None and self.bias is not None
+                     else b is None and self.bias is None))
+
+    def fits(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor) -> bool:
+        """Whether the rows hold this branch and these multipliers, rewriting them when only their values changed;
+        False when the branch outgrows the capacity or does not match the matrix (the caller widens afresh)."""
+        down, up = branch
+        src = self.source
+        if (src is not None and src[0] is down and src[1] is scale and src[2] == down._version
+                and src[3] == scale._version):
+            return True
+        rank = down.shape[0]
+        m = self.matrix
+        if rank > self.capacity or down.dtype != m.dtype or down.device != m.device or down.shape[1] != m.shape[1]:
+            return False
+        with torch.no_grad():
+            torch.mul(down, scale[:, None], out=m[self.out:self.out + rank])
+        self.used = m[:self.out + rank]
+        self.used_bias = None if self.bias is None else self.bias[:self.out + rank]
+        self.up = up.t()  # [rank, out]
+        self.sizes = (self.out, rank)
+        self.source = (down, scale, down._version, scale._version)
+        self.idle = _all_zero(scale)
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x, W, b) + ((x @ A^T) * s) @ B^T`` in two kernels."""
+        if self.idle:  # (a wider GEMM may round the output columns differently from the layer's own)
+            return F.linear(x, *self.base)
+        y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
+        y.view(-1, self.out).addmm_(hidden.view(-1, self.sizes[1]), self.up)
+        return y
+
+    def release(self, module: nn.Module) -> None:
+        """Give the module's parameters storage of their own again (the values stay): the extra rows are freed."""
+        if self.homed(module):
+            for name in ("weight", "bias"):
+                p = module._parameters[name]
+                if p is not None:
+                    p.data = p.data.clone()

@@ -1,0 +1,116 @@
+"""Branch mode's eager fast path (lorakit.wide): Linear weights re-homed into ``[W; s*A]``.
+
+The wide path must give what the plain branch gives (the training path, with grad enabled, is the plain branch), keep
+the parameters' identity and values, follow every change of the branch (new set, new weights, in-place rewrites of
+the factors), step aside where it cannot run (a dtype the matrix does not have, a module moved), and give the
+weights their own storage back at unload, bit-exactly."""
+
+import pytest
+import torch
+
+from test_branch import WEIGHTS, inputs, reference, tiny_pipe
+
+
+def _plain(model, x):
+    """The same forward on the plain branch: with grad enabled lorakit never takes the wide path."""
+    with torch.enable_grad():
+        return tuple(o.detach() for o in model(x))
+
+
+def _storage_is_own(p: torch.Tensor) -> bool:
+    return p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+@torch.no_grad()
+def test_wide_path_matches_the_plain_branch_and_keeps_the_parameters():
+    pipe, model = tiny_pipe()
+    params = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in params.items()}
+    x = inputs()
+    plain = _plain(model, x)
+    got = model(x)
+    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    assert layer.wide is not None and layer.wide.homed(model.to_q)  # the fast path ran
+    assert not _storage_is_own(model.to_q.weight) and model.to_q.weight.is_contiguous()
+    for g, p, ref in zip(got, plain, reference(model, x, WEIGHTS[0])):
+        assert torch.allclose(g, p, atol=1e-6, rtol=0)
+        assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+    assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
+    for n, p in model.named_parameters():
+        assert torch.equal(p, values[n]), n  # and the same values
+    assert set(model.state_dict()) == set(values)
+
+
+@torch.no_grad()
+def test_wide_rows_follow_weights_sets_and_in_place_rewrites():
+    from lorakit import hotswap
+
+    pipe, model = tiny_pipe()
+    x = inputs()
+    model(x)
+    pipe.set_adapters(["a", "b"], WEIGHTS[1])  # new multipliers: the rows are rewritten at the next forward
+    for g, ref in zip(model(x), reference(model, x, WEIGHTS[1])):
+        assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+    pipe.set_adapters("b", 0.9)  # a new set (a span of the pool)
+    for g, p in zip(model(x), _plain(model, x)):
+        assert torch.allclose(g, p, atol=1e-6, rtol=0)
+    pipe.set_adapters(["a", "b"], WEIGHTS[0])
+    state = pipe._lorakit_manager.states["transformer"]
+    for layer in state.layers.values():
+        layer.deltas["a"].down.mul_(-2.0)  # values changed in place, as a hotswap leaves them
+    hotswap.refresh(pipe._lorakit_manager.adapters["a"], [state])
+    want = reference(model, x, [-2.0 * WEIGHTS[0][0], WEIGHTS[0][1]])
+    for g, ref in zip(model(x), want):
+        assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+    pipe.disable_lora()
+    pipe.enable_lora()
+    for g, ref in zip(model(x), want):
+        assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_outgrowing_the_rows_widens_again():
+    from lorakit.testing.loras import make_lora, to_state_dict
+
+    pipe, model = tiny_pipe()
+    x = inputs()
+    model(x)
+    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    first = layer.wide
+    big = make_lora(model, rank=64, seed=9, targets=("to_q", "to_k"), convs=True)
+    pipe.load_lora_weights(to_state_dict(big, "peft", "transformer"), adapter_name="big")
+    pipe.set_adapters(["a", "b", "big"], [0.5, 0.5, 0.5])
+    out = model(x)
+    assert layer.wide is not first and layer.wide.capacity >= first.capacity + 64
+    for g, p in zip(out, _plain(model, x)):
+        assert torch.allclose(g, p, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_unload_gives_the_weights_their_own_storage_bit_exactly(dtype):
+    pipe, model = tiny_pipe(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(inputs(dtype))
+    assert not _storage_is_own(model.to_q.weight)
+    pipe.unload_lora_weights()
+    for n, p in model.named_parameters():
+        assert _storage_is_own(p), n
+        assert torch.equal(p, before[n]), n
+
+
+@torch.no_grad()
+def test_a_moved_module_and_a_foreign_dtype_run_the_plain_branch():
+    pipe, model = tiny_pipe()
+    x = inputs()
+    model(x)
+    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs reach the layer in bf16: the plain branch runs
+        auto = model(x)
+    assert auto[1].dtype == torch.bfloat16 and layer.wide.homed(model.to_q)
+    model.double()  # .data replaced: the matrix no longer holds the weights
+    assert not layer.wide.homed(model.to_q)
+    pipe.set_adapters(["a", "b"], WEIGHTS[1])  # a sync lays the factors out in float64 again
+    for g, ref in zip(model(x.double()), reference(model, x, WEIGHTS[1])):
+        assert g.dtype == torch.float64 and torch.allclose(g, ref, atol=1e-12, rtol=0)
+    assert layer.wide.homed(model.to_q) and layer.wide.matrix.dtype == torch.float64  # widened afresh
