@@ -9,6 +9,10 @@ default). The variants differ in kernels and host work per layer:
 - ``wide``: one linear against ``[W; s*A]`` (and bias ``[b; 0]``) gives the output and the hidden in one GEMM, then
   addmm_ of the expand into the output's columns (2 kernels; the output is a strided view): lorakit.wide's path.
 
+- ``lorakit 4`` / ``lorakit 1``: a second UNet with the same weights, ``lorakit.attach(mode="branch")``, four
+  rank-``rank/4`` adapters loaded, all four or one of them active (the first forward after each switch rewrites the
+  rows: one of the three timed per round).
+
 Prints medians of CUDA-event times of a full UNet forward per variant, and of host time (the forward's wall time
 without a sync). Run on the GPU machine (wheels: benchmarks/README.md): ``python3 benchmarks/branch_variants.py``.
 """
@@ -16,15 +20,20 @@ import argparse
 import statistics
 import time
 
+import types
+
 import torch
 import torch.nn.functional as F
 
+import lorakit
 from lorakit.testing import models as tm
-from lorakit.testing.loras import TRANSFORMER_TARGETS
+from lorakit.testing.loras import TRANSFORMER_TARGETS, make_lora, to_state_dict
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rank", type=int, default=128)
 parser.add_argument("--rounds", type=int, default=6)
+parser.add_argument("--latent", type=int, default=128, help="latent side (128: 1024 px; 32: a host-bound step)")
+parser.add_argument("--profile", action="store_true", help="then cProfile one forward of wide and lorakit 4")
 args = parser.parse_args()
 dev, dt = "cuda", torch.float16
 torch.manual_seed(0)
@@ -70,6 +79,13 @@ with torch.no_grad():
         return f
 
     variants = {"base": None, "four": four, "scaledB": scaledB, "wide": widef}
+    lk = tm.sdxl_unet(device=dev, dtype=dt)
+    pipe = types.SimpleNamespace(unet=lk)
+    lorakit.attach(pipe, mode="branch")
+    for i in range(4):
+        made = make_lora(lk, rank=R // 4, seed=i, targets=TRANSFORMER_TARGETS, dtype=dt)
+        pipe.load_lora_weights(to_state_dict(made, "peft", "unet"), adapter_name=f"a{i}")
+    sets = {"lorakit 4": (["a0", "a1", "a2", "a3"], [0.5, 0.6, 0.7, 0.8]), "lorakit 1": (["a0"], [0.8])}
 
     def install(v):
         for m, *rest in fac:
@@ -78,31 +94,68 @@ with torch.no_grad():
             else:
                 m.forward = v(*rest)
 
-    x = torch.randn(2, 4, 128, 128, device=dev, dtype=dt); t = torch.tensor([500, 500], device=dev)
+    x = torch.randn(2, 4, args.latent, args.latent, device=dev, dtype=dt); t = torch.tensor([500, 500], device=dev)
     e = torch.randn(2, 77, 2048, device=dev, dtype=dt)
     ac = {"text_embeds": torch.randn(2, 1280, device=dev, dtype=dt),
           "time_ids": torch.tensor([[1024., 1024, 0, 0, 1024, 1024]] * 2, device=dev, dtype=dt)}
 
-    def fwd():
-        return unet(x, t, e, added_cond_kwargs=ac, return_dict=False)[0]
+    def fwd(model=unet):
+        return model(x, t, e, added_cond_kwargs=ac, return_dict=False)[0]
+
+    def prepare(name):
+        if name in sets:
+            pipe.set_adapters(*sets[name])
+            return lambda: fwd(lk)
+        install(variants[name])
+        return fwd
 
     outs = {}
-    for name, v in variants.items():
-        install(v); outs[name] = fwd().float(); fwd()
+    for name in [*variants, *sets]:
+        run = prepare(name); outs[name] = run().float(); run()
     ref = outs["four"]
     print("max |variant - four|:", {k: float((o - ref).abs().max()) for k, o in outs.items()},
           "effect", float((outs["base"] - ref).abs().max()))
-    gpu = {k: [] for k in variants}; host = {k: [] for k in variants}
+    names = [*variants, *sets]
+    gpu = {k: [] for k in names}; host = {k: [] for k in names}; first = {k: [] for k in names}
     for r in range(args.rounds):
-        for name, v in variants.items():
-            install(v)
-            for _ in range(3):
+        for name in names:
+            run = prepare(name)
+            for i in range(4):
                 torch.cuda.synchronize()
                 s0 = torch.cuda.Event(enable_timing=True); s1 = torch.cuda.Event(enable_timing=True)
-                s0.record(); h0 = time.perf_counter(); fwd(); h1 = time.perf_counter(); s1.record()
+                s0.record(); h0 = time.perf_counter(); run(); h1 = time.perf_counter(); s1.record()
                 torch.cuda.synchronize()
-                gpu[name].append(s0.elapsed_time(s1)); host[name].append((h1 - h0) * 1e3)
+                if i == 0:  # the first forward after prepare (lorakit: a switch) apart
+                    first[name].append(s0.elapsed_time(s1))
+                else:
+                    gpu[name].append(s0.elapsed_time(s1)); host[name].append((h1 - h0) * 1e3)
     b = statistics.median(gpu["base"])
-    for name in variants:
+    print("medians of forwards 2-4 after each prepare; 'first': the forward right after it")
+    for name in names:
         g = statistics.median(gpu[name]); h = statistics.median(host[name])
-        print(f"{name:8s} step {g:7.2f} ms ({g / b:.3f}x base)   host {h:7.2f} ms")
+        print(f"{name:9s} step {g:7.2f} ms ({g / b:.3f}x base)   host {h:7.2f} ms   first {statistics.median(first[name]):7.2f}")
+    if args.profile:  # host time per function: lorakit against the same kernels written by hand
+        import cProfile
+        import pstats
+        for name in ("wide", "lorakit 4"):
+            run = prepare(name); run(); run(); torch.cuda.synchronize()
+            prof = cProfile.Profile(); prof.enable(); run(); prof.disable(); torch.cuda.synchronize()
+            print(name); pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        import timeit
+        state = pipe._lorakit_manager.states["unet"]
+        path, layer = next((p, ly) for p, ly in state.layers.items() if ly.wide is not None)
+        mod = layer.module
+        xs = torch.randn(1, 16, mod.in_features, device=dev, dtype=dt)
+        install(variants["wide"])
+        cmod = unet.get_submodule(path)  # the same layer of the hand-written UNet
+        used, up = layer.wide.used, layer.wide.up
+        used_own, up_own = used.clone(), up.clone()
+        h = torch.randn(16, up.shape[0], device=dev, dtype=dt)
+        yy = torch.randn(16, up.shape[1], device=dev, dtype=dt)
+        for stmt in ("mod(xs)", "cmod(xs)", "mod.forward(xs)", "cmod.forward(xs)", "layer.wide_for(mod, xs)",
+                     "layer.wide(xs)", "layer.wide.homed(mod)", "layer.wide.ready(mod, xs, *layer.live())",
+                     "F.linear(xs, used)", "F.linear(xs, used_own)", "yy.addmm_(h, up)", "yy.addmm_(h, up_own)"):
+            n = 2000
+            v = min(timeit.repeat(stmt, globals=globals(), number=n, repeat=3)) / n * 1e6
+            torch.cuda.synchronize()
+            print(f"{v:7.2f} us  {stmt}  ({path})")

@@ -264,18 +264,23 @@ class LayerState:
             return self.current()
         return self.branch, self.branch_scale
 
-    def run_wide(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output with its branch in two kernels (see :mod:`lorakit.wide`), or None where the plain
-        branch must run (no branch, a dtype the matrix does not have, factors elsewhere than the weight)."""
-        branch, scale = self.live()
+    def wide_for(self, module: nn.Module, x: torch.Tensor) -> WideLinear | None:
+        """The :class:`~lorakit.wide.WideLinear` to run ``x`` through (two kernels for the layer and its branch),
+        widening the weight when needed; None where the plain branch runs instead (no branch, every multiplier 0, a
+        dtype the matrix does not have, factors elsewhere than the weight)."""
+        group = self.group
+        if group is not None and self._epoch != group.epoch:
+            branch, scale = self.current()
+        else:
+            branch, scale = self.branch, self.branch_scale
         if branch is None:
             return None
         wide = self.wide
-        if wide is None or not wide.homed(module) or x.dtype != wide.matrix.dtype or not wide.fits(branch, scale):
+        if wide is None or not wide.ready(module, x, branch, scale):
             wide = self._widen(module, x, branch, scale)
             if wide is None:
                 return None
-        return wide(x)
+        return None if wide.idle else wide
 
     def _widen(self, module: nn.Module, x: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor],
                scale: torch.Tensor) -> WideLinear | None:
@@ -288,7 +293,7 @@ class LayerState:
             return None
         capacity = max(down.shape[0], self.pool.down.shape[0] if self.pool is not None else 0)
         self.wide = WideLinear(module, capacity)
-        self.wide.fits(branch, scale)
+        self.wide.ready(module, x, branch, scale)
         return self.wide
 
     def run_branch(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -332,6 +337,7 @@ class LayerState:
 
 
 _BRANCH_CLASSES: dict[type, type] = {}
+_compiling = torch.compiler.is_compiling  # (read on every branch layer's forward)
 
 
 def _branch_class(cls: type) -> type:
@@ -343,10 +349,10 @@ def _branch_class(cls: type) -> type:
         def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             layer = self._lorakit_layer
             # (compiling first: a traced graph never reads the wide path's bookkeeping, so it adds no guards)
-            if layer.widenable and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-                out = layer.run_wide(self, input)
-                if out is not None:
-                    return out
+            if layer.widenable and not _compiling() and not torch.is_grad_enabled():
+                wide = layer.wide_for(self, input)
+                if wide is not None:
+                    return wide(input)
             return layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
 
         made = _BRANCH_CLASSES[cls] = type(cls.__name__, (cls,), {

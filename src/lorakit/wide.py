@@ -54,28 +54,31 @@ class WideLinear:
         w.data = self.matrix[:out]
         if b is not None:
             b.data = self.bias[:out]
-        self.out, self.capacity = out, capacity
-        self.source: tuple | None = None  # (down, scale, their versions): what the rows hold
+        self.out, self.capacity, self.dtype = out, capacity, w.dtype
+        self.ptrs = (self.matrix.data_ptr(), 0 if b is None else self.bias.data_ptr())
+        self.source: tuple = (None, None, -1, -1)  # (down, scale, their versions): what the rows hold
         self.used = self.used_bias = self.up = None
         self.sizes = (out, 0)
-        self.base = (self.matrix[:out], None if b is None else self.bias[:out])
         self.idle = False  # every multiplier 0 (a call-time scale of 0): the plain layer runs, bit for bit the base
 
     def homed(self, module: nn.Module) -> bool:
         """Whether the module's parameters still live in the matrix (``.to()``/``.half()`` replace their data)."""
-        b = module._parameters["bias"]
-        return (module._parameters["weight"].data_ptr() == self.matrix.data_ptr()
-                and (b.data_ptr() == self.bias.data_ptr() if b is not None and self.bias is not None
-                     else b is None and self.bias is None))
+        p = module._parameters
+        b = p["bias"]
+        return p["weight"].data_ptr() == self.ptrs[0] and (0 if b is None else b.data_ptr()) == self.ptrs[1]
 
-    def fits(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor) -> bool:
-        """Whether the rows hold this branch and these multipliers, rewriting them when only their values changed;
-        False when the branch outgrows the capacity or does not match the matrix (the caller widens afresh)."""
-        down, up = branch
+    def ready(self, module: nn.Module, x: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor],
+              scale: torch.Tensor) -> bool:
+        """Whether it can run ``x`` through this branch now, rewriting the rows when only the factors' or the
+        multipliers' values changed; False when the module moved, ``x`` has another dtype, or the branch does not
+        fit the matrix (the caller widens afresh or runs the plain branch). The first line is every forward's."""
+        down = branch[0]
         src = self.source
-        if (src is not None and src[0] is down and src[1] is scale and src[2] == down._version
-                and src[3] == scale._version):
+        if (src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version
+                and x.dtype == self.dtype and self.homed(module)):
             return True
+        if not (x.dtype == self.dtype and self.homed(module)):
+            return False
         rank = down.shape[0]
         m = self.matrix
         if rank > self.capacity or down.dtype != m.dtype or down.device != m.device or down.shape[1] != m.shape[1]:
@@ -84,16 +87,14 @@ class WideLinear:
             torch.mul(down, scale[:, None], out=m[self.out:self.out + rank])
         self.used = m[:self.out + rank]
         self.used_bias = None if self.bias is None else self.bias[:self.out + rank]
-        self.up = up.t()  # [rank, out]
+        self.up = branch[1].t()  # [rank, out]
         self.sizes = (self.out, rank)
         self.source = (down, scale, down._version, scale._version)
         self.idle = _all_zero(scale)
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``linear(x, W, b) + ((x @ A^T) * s) @ B^T`` in two kernels."""
-        if self.idle:  # (a wider GEMM may round the output columns differently from the layer's own)
-            return F.linear(x, *self.base)
+        """``linear(x, W, b) + ((x @ A^T) * s) @ B^T`` in two kernels (after :meth:`ready`, when not idle)."""
         y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
         y.view(-1, self.out).addmm_(hidden.view(-1, self.sizes[1]), self.up)
         return y
