@@ -14,6 +14,7 @@ With uniform weights ``A_cat``/``B_cat`` are views of a span of the layer's fact
 on it was laid out once at load (see :mod:`lorakit.pool`): a new adapter set moves the span (picked up at the next
 forward), a change of weights or scales rewrites ``s`` in place, and nothing is restacked. Per-layer (block) weights,
 fused adapters and spans with too many idle ranks run on factors stacked by a switch plan (:meth:`set_branch`).
+In eager inference a plain Linear runs all of that in two kernels instead of four (:mod:`lorakit.wide`).
 
 Memory: one exact copy of every targeted weight, on the weight's device unless ``backup_device`` says otherwise.
 """
