@@ -259,7 +259,7 @@ def kernel_factor(dtype: torch.dtype, device: torch.device, delta: WeightDelta) 
 
 def kernel_devices(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether plans lay out group-kernel segments for weights on this device in this dtype."""
-    return kernels.triton is not None and kernels.ENABLED and device.type in KERNEL_DEVICES and dtype in kernels.DTYPES
+    return kernels.TRITON and kernels.ENABLED and device.type in KERNEL_DEVICES and dtype in kernels.DTYPES
 
 
 def segment(layers: list[LayerState], rows: list[kernels.Addresses]) -> tuple[Segment | None, list[int]]:

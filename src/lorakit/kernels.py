@@ -24,6 +24,7 @@ Triton, for dtypes other than fp16/bf16 (fp32 stays on cuBLAS: no TF32 rounding)
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import os
 import threading
@@ -34,11 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU-only torch: the cuBLAS/CPU routes do everything
-    triton = None
+# Without Triton (a CPU-only torch) the cuBLAS/CPU routes do everything. Only its presence is checked here: the
+# kernels (lorakit.triton_kernels) are imported at the first launch.
+TRITON = importlib.util.find_spec("triton") is not None
 
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 32, 4
 ENABLED = os.environ.get("LORAKIT_TRITON", "1") != "0"  # LORAKIT_TRITON=0: merges stay on cuBLAS
@@ -50,91 +49,10 @@ ERRORS: dict[tuple[torch.device, torch.dtype, str], str] = {}  # why a kernel fa
 _TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 TABLE_CACHE_SIZE = 1024
 
-if triton is not None:
-    @triton.jit
-    def _merge_kernel(anchor, out_offsets, base_offsets, up, down, M, N, K, up_stride, down_stride,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        layer = tl.program_id(2).to(tl.int64)
-        # Each layer's weight and backup as element offsets from one aligned tensor, each a multiple of 16 (checked
-        # on the host): the compiler then knows every row is 16-byte aligned and vectorises the loads and stores,
-        # which addresses read from a table would not allow (1.7-2.2x the bandwidth, benchmarks/merge_bandwidth.py).
-        out = anchor + tl.multiple_of(tl.load(out_offsets + layer), 16)
-        base = anchor + tl.multiple_of(tl.load(base_offsets + layer), 16)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inside = (rows[:, None] < M) & (cols[None, :] < N)
-        at = rows[:, None].to(tl.int64) * N + cols[None, :]
-        held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the product
-        up_tile = up + layer * up_stride + rows[:, None] * K
-        down_tile = down + layer * down_stride + cols[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            kk = k + tl.arange(0, BLOCK_K)
-            a = tl.load(up_tile + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(down_tile + kk[:, None] * N, mask=(kk[:, None] < K) & (cols[None, :] < N), other=0.0)
-            acc += tl.dot(a, b)
-        acc += held.to(tl.float32)
-        tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
-
-
-    @triton.jit
-    def _group_kernel(anchor, table, mults, LAYERS, WIDTH, MULTS_WIDTH,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr):
-        # One program per tile of any layer of the group. The layers differ in shape and adapters: each has a row of
-        # ``table`` (see group_tables) whose first column is its first tile; a binary search over that column
-        # finds this program's layer (SEARCH steps: 2**SEARCH > LAYERS).
-        tile = tl.program_id(0)
-        member = tile * 0  # (a tensor, not a constant: it is reassigned in the loop)
-        for step in tl.static_range(SEARCH):  # (a name of its own: Triton types loop-carried names)
-            probe = member + (1 << (SEARCH - 1 - step))
-            start = tl.load(table + probe.to(tl.int64) * WIDTH, mask=probe < LAYERS, other=tile + 1)
-            member = tl.where(start <= tile, probe, member)
-        member = member.to(tl.int64)
-        weights = mults + member * MULTS_WIDTH
-        if tl.load(weights + MULTS_WIDTH - 1) != 0:  # the last column flags the layers this switch rewrites
-            row = table + member * WIDTH
-            # Index math on tiles in int32, as the chunk kernel's (program ids): the table's entries are int64, and
-            # left as they are they made every element's address arithmetic 64-bit (group_tables keeps each layer's
-            # M * N, M * rank and rank * N below 2**31)
-            local = (tile - tl.load(row)).to(tl.int32)
-            M = tl.load(row + 1).to(tl.int32)
-            N = tl.multiple_of(tl.load(row + 2).to(tl.int32), 16)
-            out = anchor + tl.multiple_of(tl.load(row + 3), 16)
-            base = anchor + tl.multiple_of(tl.load(row + 4), 16)
-            adapters = tl.load(row + 5)
-            tiles_n = tl.cdiv(N, BLOCK_N)
-            rows = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-            inside = (rows[:, None] < M) & (cols[None, :] < N)
-            at = rows[:, None] * N + cols[None, :]
-            held = tl.load(base + at, mask=inside, other=0.0)  # issued first: in flight during the products
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            touched = member * 0
-            for j in range(adapters):
-                scale = tl.load(weights + j)
-                # A layer's row lists every adapter loaded on it; those not in the mix have multiplier 0 and are
-                # skipped, so that one table serves every adapter set (plan.KernelLayout)
-                if scale != 0:
-                    # (factors off alignment would need scalar loads: a variant that had them took a 4-adapter SDXL
-                    # switch from ~12 to ~55 ms; such layers take the chunk route, see group_tables)
-                    up = anchor + tl.multiple_of(tl.load(row + 6 + 3 * j), 16)
-                    down = anchor + tl.multiple_of(tl.load(row + 7 + 3 * j), 16)
-                    rank = tl.multiple_of(tl.load(row + 8 + 3 * j).to(tl.int32), 16)
-                    for k in range(0, rank, BLOCK_K):
-                        kk = k + tl.arange(0, BLOCK_K)
-                        a = tl.load(up + rows[:, None] * rank + kk[None, :],
-                                    mask=(rows[:, None] < M) & (kk[None, :] < rank), other=0.0)
-                        # the multiplier in fp32, rounded once to the weight's dtype: as the per-layer path scales up
-                        a = (a.to(tl.float32) * scale).to(anchor.dtype.element_ty)
-                        b = tl.load(down + kk[:, None] * N + cols[None, :],
-                                    mask=(kk[:, None] < rank) & (cols[None, :] < N), other=0.0)
-                        acc += tl.dot(a, b)
-                    touched += 1
-            if touched != 0:
-                acc += held.to(tl.float32)
-                tl.store(out + at, acc.to(anchor.dtype.element_ty), mask=inside)
-            else:  # nothing in the mix here: the backup itself, bit for bit (base + 0.0 would turn -0.0 into 0.0)
-                tl.store(out + at, held, mask=inside)
+def _jit():
+    """The Triton kernels' module, imported at the first launch (absolute: the tests load this file on its own)."""
+    from lorakit import triton_kernels
+    return triton_kernels
 
 
 def _offsets(tensors: Sequence[torch.Tensor], anchor: int, itemsize: int) -> tuple[int, ...] | None:
@@ -171,7 +89,7 @@ def try_merge(outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], up: t
     and 32-byte aligned weights and backups (the one variant compiled: Triton specialises sizes and addresses on
     divisibility by 16, and another variant would compile on the spot, stalling a switch). The first call for a
     device and dtype starts the compile in the background and returns False."""
-    if not ENABLED or triton is None or up.device.type != "cuda" or up.dtype not in DTYPES:
+    if not ENABLED or not TRITON or up.device.type != "cuda" or up.dtype not in DTYPES:
         return False
     n, m, k = up.shape
     cols = down.shape[2]
@@ -195,9 +113,9 @@ def _launch(anchor: torch.Tensor, out_offsets: torch.Tensor, base_offsets: torch
             down: torch.Tensor) -> None:
     n, m, k = up.shape
     cols = down.shape[2]
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(cols, BLOCK_N), n)
+    grid = (-(-m // BLOCK_M), -(-cols // BLOCK_N), n)
     with _launching_on(up.device):
-        _merge_kernel[grid](anchor, out_offsets, base_offsets, up, down, m, cols, k, m * k, k * cols,
+        _jit().merge_kernel[grid](anchor, out_offsets, base_offsets, up, down, m, cols, k, m * k, k * cols,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
 
@@ -248,9 +166,9 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     adapter]`` of each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on
     its device: the caller checks); ``(None, the layers at fault)`` where an address is not a multiple of 16
     elements away from ``anchor``'s or a rank not a multiple of 16; ``(None, [])`` where ``N`` is not a multiple of
-    16. Alignment lets the kernel vectorise its loads and stores (see :func:`_group_kernel`). The caller checks
+    16. Alignment lets the kernel vectorise its loads and stores (see :func:`lorakit.triton_kernels.group_kernel`). The caller checks
     :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
-    if triton is None or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
+    if not TRITON or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
             or anchor.data_ptr() % 16:
         return None, []
     origin = anchor.data_ptr()
@@ -274,7 +192,7 @@ def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
     round(mults[i, j] * up_j) @ down_j`` with fp32 accumulation, rounded once, over the adapters whose multiplier is
     not 0 (none: the backup, copied exactly). ``mults``: float32 ``[layers, width + 1]`` on the device."""
     with _launching_on(tables.anchor.device):
-        _group_kernel[(tables.tiles,)](
+        _jit().group_kernel[(tables.tiles,)](
             tables.anchor, tables.table, mults, tables.table.shape[0], tables.table.shape[1], mults.shape[1],
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SEARCH=SEARCH_BITS, num_warps=NUM_WARPS)
 
@@ -282,7 +200,7 @@ def merge_group(tables: GroupTables, mults: torch.Tensor) -> None:
 def ready(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether both kernels are compiled for this device and dtype (the first ask starts their compile in a
     background thread)."""
-    return ENABLED and triton is not None and device.type == "cuda" and _ready(device, dtype, "group")
+    return ENABLED and TRITON and device.type == "cuda" and _ready(device, dtype, "group")
 
 
 def _ready(device: torch.device, dtype: torch.dtype, kind: str = "chunk") -> bool:
