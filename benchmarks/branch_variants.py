@@ -33,6 +33,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--rank", type=int, default=128)
 parser.add_argument("--rounds", type=int, default=6)
 parser.add_argument("--latent", type=int, default=128, help="latent side (128: 1024 px; 32: a host-bound step)")
+parser.add_argument("--check", action="store_true", help="lorakit 4's wide path against its plain branch (grad on)")
 parser.add_argument("--profile", action="store_true", help="then cProfile one forward of wide and lorakit 4")
 args = parser.parse_args()
 dev, dt = "cuda", torch.float16
@@ -134,6 +135,14 @@ with torch.no_grad():
     for name in names:
         g = statistics.median(gpu[name]); h = statistics.median(host[name])
         print(f"{name:9s} step {g:7.2f} ms ({g / b:.3f}x base)   host {h:7.2f} ms   first {statistics.median(first[name]):7.2f}")
+    if args.check:  # with grad enabled lorakit runs the plain branch (shrink, scale, expand)
+        run = prepare("lorakit 4")
+        fast = run().float()
+        with torch.enable_grad():
+            plain = run().detach().float()
+        print(f"lorakit 4, wide vs plain branch: max |diff| {float((fast - plain).abs().max()):.3e}, LoRA effect "
+              f"{float((plain - outs['base']).abs().max()):.3e}, wide layers "
+              f"{sum(ly.wide is not None for ly in pipe._lorakit_manager.states['unet'].layers.values())}")
     if args.profile:  # host time per function: lorakit against the same kernels written by hand
         import cProfile
         import pstats

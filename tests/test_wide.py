@@ -3,12 +3,20 @@
 The wide path must give what the plain branch gives (the training path, with grad enabled, is the plain branch), keep
 the parameters' identity and values, follow every change of the branch (new set, new weights, in-place rewrites of
 the factors), step aside where it cannot run (a dtype the matrix does not have, a module moved), and give the
-weights their own storage back at unload, bit-exactly."""
+weights their own storage back at unload, bit-exactly. Layers take it on CUDA only (``wide.DEVICES``); these tests add
+the CPU."""
 
 import pytest
 import torch
 
+from helpers import assert_close, family, lora_state_dict, outputs, pair
+from lorakit import wide
 from test_branch import WEIGHTS, inputs, reference, tiny_pipe
+
+
+@pytest.fixture(autouse=True)
+def _wide_on_cpu(monkeypatch):
+    monkeypatch.setattr(wide, "DEVICES", ("cuda", "cpu"))
 
 
 def _plain(model, x):
@@ -114,3 +122,36 @@ def test_a_moved_module_and_a_foreign_dtype_run_the_plain_branch():
     for g, ref in zip(model(x.double()), reference(model, x, WEIGHTS[1])):
         assert g.dtype == torch.float64 and torch.allclose(g, ref, atol=1e-12, rtol=0)
     assert layer.wide.homed(model.to_q) and layer.wide.matrix.dtype == torch.float64  # widened afresh
+
+
+@torch.no_grad()
+def test_cpu_layers_keep_their_storage_by_default(monkeypatch):
+    monkeypatch.setattr(wide, "DEVICES", ("cuda",))
+    pipe, model = tiny_pipe()
+    model(inputs())
+    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    assert layer.wide is None and not layer.widenable and _storage_is_own(model.to_q.weight)
+
+
+def test_wide_path_matches_diffusers_peft():
+    """An SD1.5-shaped UNet, two adapters in branch mode with the wide path, against diffusers+PEFT: new weights, a
+    switch to one adapter, a call-time scale (0 gives the base bit for bit)."""
+    fam = family("sd15")
+    ref, ours = pair(fam, mode="branch")
+    files = {name: lora_state_dict(ours, fam, seed, text_encoders=False) for seed, name in ((1, "a"), (2, "b"))}
+    for p in (ref, ours):
+        for name, sd in files.items():
+            p.load_lora_weights(dict(sd), adapter_name=name)
+    for weights in WEIGHTS:
+        for p in (ref, ours):
+            p.set_adapters(["a", "b"], weights)
+        assert_close(outputs(ours, fam), outputs(ref, fam), what=str(weights))
+    layers = ours._lorakit_manager.states[fam.denoiser].layers.values()
+    assert all(layer.wide is not None for layer in layers if isinstance(layer.module, torch.nn.Linear))
+    for p in (ref, ours):
+        p.set_adapters("b", 0.6)
+    assert_close(outputs(ours, fam), outputs(ref, fam), what="b alone")
+    kw = {fam.call_kwarg: {"scale": 0.0}}
+    base = outputs(fam.build(), fam)
+    for k, v in outputs(ours, fam, **kw).items():
+        assert torch.equal(v, base[k]), k

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import WeightDelta
+from . import wide as _wide
 from .wide import WideLinear
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class LayerState:
     _epoch: int = 0  # the group's epoch the branch was last set for (0: none yet)
     _placement: tuple | None = None  # batched._placement's, with what it was worked out for
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
-    widenable: bool = False  # a plain nn.Linear running on the subclass: eager inference may use a WideLinear
+    widenable: bool = False  # a plain nn.Linear on a wide.DEVICES device, running on the subclass (see _widenable)
     wide: WideLinear | None = None  # the weight re-homed into [W; s*A] (lorakit.wide), kept until drop
 
     @property
@@ -195,6 +196,7 @@ class LayerState:
         self.branch_scale = torch.tensor(values, dtype=w.dtype, device=w.device)
         self.branch_applied = structure
         self._run(True)
+        self.widenable = self._widenable()
 
     @torch.no_grad()
     def restack_branch(self) -> None:
@@ -210,12 +212,14 @@ class LayerState:
         """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
         self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
         self._run(True)
+        self.widenable = self._widenable()
 
     def join(self, group: Group) -> None:
         """Run on ``group``'s span of this layer's pool (see :mod:`lorakit.pool`), picked up at the next forward."""
         self.group, self._epoch = group, 0
         self.branch, self.branch_scale, self.branch_applied = None, None, ()
         self._run(True)
+        self.widenable = self._widenable()
 
     def current(self, keep: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """(branch factors, per-rank scale) this layer runs now: its group's span of the pool when it has a group
@@ -246,7 +250,7 @@ class LayerState:
             module._lorakit_layer = self
             module.__class__ = _branch_class(type(module))
             self._running = True
-            self.widenable = module._lorakit_base.forward is nn.Linear.forward and "weight" in module._parameters
+            self.widenable = self._widenable()
         elif self._running is True:
             module.__class__ = module.__class__._lorakit_base
             del module._lorakit_layer
@@ -254,6 +258,15 @@ class LayerState:
         else:
             self._running.remove()
             self._running = False
+
+    def _widenable(self) -> bool:
+        """Whether eager inference may run this layer through a :class:`~lorakit.wide.WideLinear`: a plain
+        ``nn.Linear`` running on the branch subclass, its weight on a device where kernel launches are what a branch
+        costs (re-checked whenever the layer's branch is set up again: after a move, a sync lays it out anew)."""
+        module = self.module
+        w = module._parameters.get("weight")
+        return (self._running is True and module._lorakit_base.forward is nn.Linear.forward and w is not None
+                and w.device.type in _wide.DEVICES)
 
     def _hooked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.run_branch(module, inputs[0], output)

@@ -2,9 +2,10 @@
 
 An eager diffusers denoiser on a fast GPU is bound by host time (an SDXL UNet at 1024 px on an H200: the host takes
 ~60 of a 63 ms step), so a runtime branch costs what it adds in Python and kernel launches per layer. A branch run
-as ``linear, shrink, scale, expand`` took an SDXL step to 1.64x base; one GEMM against the weight widened by the
-scaled down factors, ``[W; s*A]`` (and the bias by zeros), yields the output and the branch's hidden at once, and one
-``addmm_`` adds the expand into the output's columns: 1.28x (``benchmarks/branch_variants.py``).
+as ``linear, shrink, scale, expand`` took an SDXL step with 4 adapters to 1.64-1.75x base; one GEMM against the
+weight widened by the scaled down factors, ``[W; s*A]`` (and the bias by zeros), yields the output and the branch's
+hidden at once, and one ``addmm_`` adds the expand into the output's columns: 1.35-1.36x, the same two kernels
+written by hand 1.26-1.30x (``benchmarks/branch_variants.py``). Layers on :data:`DEVICES` only.
 
 :class:`WideLinear` re-homes the module's weight (and bias) as the first rows of that wider matrix: the parameter
 keeps its identity and its values (every write to it lands in the matrix), only its storage moves. The other rows
@@ -25,6 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Where layers take this path: on CUDA an eager step is bound by host time. On the CPU the arithmetic dominates: an
+# SD1.5 step ran as fast on the plain branch, and widening cost its first forward after a load 0.26 s (a copy of
+# every targeted weight), so CPU layers keep their parameters' storage. (Tests add "cpu" to run the path.)
+DEVICES: tuple[str, ...] = ("cuda",)
+
 
 def _all_zero(scale: torch.Tensor) -> bool:
     """Whether every multiplier of the buffer ``scale`` views (a group's vector, a switch plan's buffer) is 0. Noted
