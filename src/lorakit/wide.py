@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Where layers take this path: on CUDA an eager step is bound by host time. On the CPU the arithmetic dominates: an
-# SD1.5 step ran as fast on the plain branch, and widening cost its first forward after a load 0.26 s (a copy of
+# SD1.5 step ran as fast on the plain branch, and widening cost its first forward after a load 0.3 s (a copy of
 # every targeted weight), so CPU layers keep their parameters' storage. (Tests add "cpu" to run the path.)
 DEVICES: tuple[str, ...] = ("cuda",)
 
