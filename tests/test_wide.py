@@ -155,3 +155,23 @@ def test_wide_path_matches_diffusers_peft():
     base = outputs(fam.build(), fam)
     for k, v in outputs(ours, fam, **kw).items():
         assert torch.equal(v, base[k]), k
+
+
+@torch.no_grad()
+def test_a_switch_rewrites_each_groups_rows_at_once(monkeypatch):
+    pipe, model = tiny_pipe()
+    x = inputs()
+    model(x)
+    calls = []
+    real = wide.rewrite
+    monkeypatch.setattr(wide, "rewrite", lambda items: (calls.append(len(items)), real(items)))
+    linears = [ly for ly in pipe._lorakit_manager.states["transformer"].layers.values() if ly.wide is not None]
+    for weights in (WEIGHTS[1], WEIGHTS[0]):
+        calls.clear()
+        pipe.set_adapters(["a", "b"], weights)
+        for g, ref in zip(model(x), reference(model, x, weights)):
+            assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+        assert sum(calls) == len(linears) == 2  # every widened layer of the group, in one call per group
+        calls.clear()
+        model(x)
+        assert calls == []  # nothing stale until the next switch

@@ -290,11 +290,30 @@ class LayerState:
         if branch is None:
             return None
         wide = self.wide
+        if group is not None and wide is not None and not wide.fresh(branch, scale):
+            key = (group.epoch, id(scale), scale._version)
+            if group.refreshed != key:  # the first layer of the group to run since the switch: once per switch
+                group.refreshed = key
+                self.refresh_group(group)
         if wide is None or not wide.ready(module, x, branch, scale):
             wide = self._widen(module, x, branch, scale)
             if wide is None:
                 return None
         return None if wide.idle else wide
+
+    @staticmethod
+    def refresh_group(group: Group) -> None:
+        """A switch moved this group's span or rewrote its scales: bring the rows of every layer of the group that
+        is widened already up to date at once (:func:`lorakit.wide.rewrite`), rather than each at its own forward."""
+        items = []
+        for layer in group.layers:
+            wide = layer.wide
+            if wide is None or not layer.widenable or not wide.homed(layer.module):
+                continue
+            branch, scale = layer.current()
+            if branch is not None and wide.holds(branch[0]):
+                items.append((wide, branch, scale))
+        _wide.rewrite(items)
 
     def _widen(self, module: nn.Module, x: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor],
                scale: torch.Tensor) -> WideLinear | None:

@@ -136,6 +136,7 @@ class Group:
     stop: int = 0
     scale: torch.Tensor | None = None  # [stop - start]: each rank's multiplier (0 for adapters not in the set)
     epoch: int = 0  # a new value whenever the span changes: layers follow at their next forward
+    refreshed: tuple = ()  # (epoch, scale, its version) the group's wide rows were last rewritten for (lorakit.wide)
 
     def span(self, multipliers: dict[str, float]) -> tuple[int, int, list[float]] | None:
         """(start, stop, per-rank multipliers) for the live adapters on this group, or None when the idle ranks

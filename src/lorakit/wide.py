@@ -67,6 +67,7 @@ class WideLinear:
         self.used = self.used_bias = self.up = None
         self.sizes = (out, 0)
         self.idle = False  # every multiplier 0 (a call-time scale of 0): the plain layer runs, bit for bit the base
+        self._by_rank: dict[int, tuple] = {}
 
     def homed(self, module: nn.Module) -> bool:
         """Whether the module's parameters still live in the matrix (``.to()``/``.half()`` replace their data)."""
@@ -79,26 +80,45 @@ class WideLinear:
         """Whether it can run ``x`` through this branch now, rewriting the rows when only the factors' or the
         multipliers' values changed; False when the module moved, ``x`` has another dtype, or the branch does not
         fit the matrix (the caller widens afresh or runs the plain branch). The first line is every forward's."""
-        down = branch[0]
-        src = self.source
-        if (src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version
-                and x.dtype == self.dtype and self.homed(module)):
+        if self.fresh(branch, scale) and x.dtype == self.dtype and self.homed(module):
             return True
-        if not (x.dtype == self.dtype and self.homed(module)):
-            return False
-        rank = down.shape[0]
-        m = self.matrix
-        if rank > self.capacity or down.dtype != m.dtype or down.device != m.device or down.shape[1] != m.shape[1]:
+        down = branch[0]
+        if not (x.dtype == self.dtype and self.homed(module) and self.holds(down)):
             return False
         with torch.no_grad():
-            torch.mul(down, scale[:, None], out=m[self.out:self.out + rank])
-        self.used = m[:self.out + rank]
-        self.used_bias = None if self.bias is None else self.bias[:self.out + rank]
+            torch.mul(down, scale[:, None], out=self._views(down.shape[0])[0])
+        self.point(branch, scale)
+        return True
+
+    def fresh(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor) -> bool:
+        """Whether the rows hold this branch's down factors times these multipliers, as they are now."""
+        down = branch[0]
+        src = self.source
+        return src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version
+
+    def holds(self, down: torch.Tensor) -> bool:
+        """Whether these down factors fit the matrix's rows (rank, dtype, device, width)."""
+        m = self.matrix
+        return (down.shape[0] <= self.capacity and down.dtype == m.dtype and down.device == m.device
+                and down.shape[1] == m.shape[1])
+
+    def _views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the rows for ``rank`` ranks, the matrix down to them, the bias down to them), made once per rank."""
+        views = self._by_rank.get(rank)
+        if views is None:
+            m, end = self.matrix, self.out + rank
+            views = self._by_rank[rank] = (m[self.out:end], m[:end], None if self.bias is None else self.bias[:end])
+        return views
+
+    def point(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor) -> None:
+        """Run this branch from now on: its rows hold ``down * scale`` already (:meth:`ready` or :func:`rewrite`)."""
+        down = branch[0]
+        rank = down.shape[0]
+        _, self.used, self.used_bias = self._views(rank)
         self.up = branch[1].t()  # [rank, out]
         self.sizes = (self.out, rank)
         self.source = (down, scale, down._version, scale._version)
         self.idle = _all_zero(scale)
-        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``linear(x, W, b) + ((x @ A^T) * s) @ B^T`` in two kernels (after :meth:`ready`, when not idle)."""
@@ -113,3 +133,19 @@ class WideLinear:
                 p = module._parameters[name]
                 if p is not None:
                     p.data = p.data.clone()
+
+
+@torch.no_grad()
+def rewrite(items: list[tuple[WideLinear, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
+    """Rewrite many matrices' rows for their branches at once: two multi-tensor operations instead of a few kernels
+    per layer (what a switch would cost each layer at its first forward after it, ~60 us of host time per layer on
+    an H200's host). ``items``: (matrix, branch, per-rank scale), each branch fitting its matrix (:meth:`holds`)."""
+    if not items:
+        return
+    rows = [wide._views(branch[0].shape[0])[0] for wide, branch, _ in items]
+    columns: dict[int, torch.Tensor] = {}  # (layers of a group share their scale vector: one column view each)
+    scales = [columns.setdefault(id(scale), scale[:, None]) for _, _, scale in items]
+    torch._foreach_copy_(rows, [branch[0] for _, branch, _ in items])
+    torch._foreach_mul_(rows, scales)
+    for wide, branch, scale in items:
+        wide.point(branch, scale)
