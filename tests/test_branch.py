@@ -100,13 +100,13 @@ def test_conv_branch_on_channels_last_inputs():
         assert torch.allclose(g, w, atol=1e-5, rtol=0)
 
 
-def test_conv_branches_match_diffusers_peft():
-    """An SD1.5-shaped UNet with LoRAs on its convs and linears: branch mode against diffusers+PEFT, before and after
-    a change of weights. (PEFT refuses a second adapter with conv targets: "b" has linears only.)"""
+def against_peft(convs: bool):
+    """An SD1.5-shaped UNet in branch mode next to diffusers+PEFT, adapters "a" (on convs too with ``convs``) and
+    "b" loaded in both, outputs compared at each of WEIGHTS; returns (family, PEFT pipeline, lorakit pipeline)."""
     fam = family("sd15")
     ref, ours = pair(fam, mode="branch")
-    files = {name: lora_state_dict(ours, fam, seed, convs=convs, text_encoders=False)
-             for seed, name, convs in ((1, "a", True), (2, "b", False))}
+    files = {name: lora_state_dict(ours, fam, seed, convs=c, text_encoders=False)
+             for seed, name, c in ((1, "a", convs), (2, "b", False))}
     for p in (ref, ours):
         for name, sd in files.items():
             p.load_lora_weights(dict(sd), adapter_name=name)
@@ -114,6 +114,13 @@ def test_conv_branches_match_diffusers_peft():
         for p in (ref, ours):
             p.set_adapters(["a", "b"], weights)
         assert_close(outputs(ours, fam), outputs(ref, fam), what=str(weights))
+    return fam, ref, ours
+
+
+def test_conv_branches_match_diffusers_peft():
+    """An SD1.5-shaped UNet with LoRAs on its convs and linears: branch mode against diffusers+PEFT, before and after
+    a change of weights. (PEFT refuses a second adapter with conv targets: "b" has linears only.)"""
+    against_peft(convs=True)
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ the CPU."""
 import pytest
 import torch
 
-from helpers import assert_close, family, lora_state_dict, outputs, pair
+from helpers import assert_close, outputs
 from lorakit import wide
-from test_branch import WEIGHTS, inputs, reference, tiny_pipe
+from test_branch import WEIGHTS, against_peft, inputs, reference, tiny_pipe
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +23,14 @@ def _plain(model, x):
     """The same forward on the plain branch: with grad enabled lorakit never takes the wide path."""
     with torch.enable_grad():
         return tuple(o.detach() for o in model(x))
+
+
+def _ran():
+    """``tiny_pipe()`` after one eager forward, its Linear layers widened: (pipe, model, inputs, to_q's layer)."""
+    pipe, model = tiny_pipe()
+    x = inputs()
+    model(x)
+    return pipe, model, x, pipe._lorakit_manager.states["transformer"].layers["to_q"]
 
 
 def _storage_is_own(p: torch.Tensor) -> bool:
@@ -80,10 +88,7 @@ def test_wide_rows_follow_weights_sets_and_in_place_rewrites():
 def test_outgrowing_the_rows_widens_again():
     from lorakit.testing.loras import make_lora, to_state_dict
 
-    pipe, model = tiny_pipe()
-    x = inputs()
-    model(x)
-    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    pipe, model, x, layer = _ran()
     first = layer.wide
     big = make_lora(model, rank=64, seed=9, targets=("to_q", "to_k"), convs=True)
     pipe.load_lora_weights(to_state_dict(big, "peft", "transformer"), adapter_name="big")
@@ -109,10 +114,7 @@ def test_unload_gives_the_weights_their_own_storage_bit_exactly(dtype):
 
 @torch.no_grad()
 def test_a_moved_module_and_a_foreign_dtype_run_the_plain_branch():
-    pipe, model = tiny_pipe()
-    x = inputs()
-    model(x)
-    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    pipe, model, x, layer = _ran()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs reach the layer in bf16: the plain branch runs
         auto = model(x)
     assert auto[1].dtype == torch.bfloat16 and layer.wide.homed(model.to_q)
@@ -136,16 +138,7 @@ def test_cpu_layers_keep_their_storage_by_default(monkeypatch):
 def test_wide_path_matches_diffusers_peft():
     """An SD1.5-shaped UNet, two adapters in branch mode with the wide path, against diffusers+PEFT: new weights, a
     switch to one adapter, a call-time scale (0 gives the base bit for bit)."""
-    fam = family("sd15")
-    ref, ours = pair(fam, mode="branch")
-    files = {name: lora_state_dict(ours, fam, seed, text_encoders=False) for seed, name in ((1, "a"), (2, "b"))}
-    for p in (ref, ours):
-        for name, sd in files.items():
-            p.load_lora_weights(dict(sd), adapter_name=name)
-    for weights in WEIGHTS:
-        for p in (ref, ours):
-            p.set_adapters(["a", "b"], weights)
-        assert_close(outputs(ours, fam), outputs(ref, fam), what=str(weights))
+    fam, ref, ours = against_peft(convs=False)
     layers = ours._lorakit_manager.states[fam.denoiser].layers.values()
     assert all(layer.wide is not None for layer in layers if isinstance(layer.module, torch.nn.Linear))
     for p in (ref, ours):
