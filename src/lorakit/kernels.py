@@ -116,7 +116,7 @@ def _launch(anchor: torch.Tensor, out_offsets: torch.Tensor, base_offsets: torch
     grid = (-(-m // BLOCK_M), -(-cols // BLOCK_N), n)
     with _launching_on(up.device):
         _jit().merge_kernel[grid](anchor, out_offsets, base_offsets, up, down, m, cols, k, m * k, k * cols,
-                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
 
 def merge(outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], up: torch.Tensor, down: torch.Tensor) -> None:
@@ -166,8 +166,9 @@ def group_tables(layers: Sequence[Addresses], anchor: torch.Tensor) -> tuple[Gro
     adapter]`` of each layer (``up`` [M, r] and ``down`` [r, N], every tensor contiguous, in ``anchor``'s dtype, on
     its device: the caller checks); ``(None, the layers at fault)`` where an address is not a multiple of 16
     elements away from ``anchor``'s or a rank not a multiple of 16; ``(None, [])`` where ``N`` is not a multiple of
-    16. Alignment lets the kernel vectorise its loads and stores (see :func:`lorakit.triton_kernels.group_kernel`). The caller checks
-    :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's interpreter)."""
+    16. Alignment lets the kernel vectorise its loads and stores (see :func:`lorakit.triton_kernels.group_kernel`).
+    The caller checks :func:`ready` before merging (False off CUDA: tests run the kernel under Triton's
+    interpreter)."""
     if not TRITON or not layers or len(layers) >= 1 << SEARCH_BITS or anchor.dtype not in DTYPES \
             or anchor.data_ptr() % 16:
         return None, []

@@ -250,7 +250,6 @@ class LayerState:
             module._lorakit_layer = self
             module.__class__ = _branch_class(type(module))
             self._running = True
-            self.widenable = self._widenable()
         elif self._running is True:
             module.__class__ = module.__class__._lorakit_base
             del module._lorakit_layer
@@ -282,14 +281,10 @@ class LayerState:
         """The :class:`~lorakit.wide.WideLinear` to run ``x`` through (two kernels for the layer and its branch),
         widening the weight when needed; None where the plain branch runs instead (no branch, every multiplier 0, a
         dtype the matrix does not have, factors elsewhere than the weight)."""
-        group = self.group
-        if group is not None and self._epoch != group.epoch:
-            branch, scale = self.current()
-        else:
-            branch, scale = self.branch, self.branch_scale
+        branch, scale = self.live()
         if branch is None:
             return None
-        wide = self.wide
+        group, wide = self.group, self.wide
         if group is not None and wide is not None and not wide.fresh(branch, scale):
             key = (group.epoch, id(scale), scale._version)
             if group.refreshed != key:  # the first layer of the group to run since the switch: once per switch

@@ -2,9 +2,9 @@
 
 An eager diffusers denoiser on a fast GPU is bound by host time (an SDXL UNet at 1024 px on an H200: the host takes
 ~60 of a 63 ms step), so a runtime branch costs what it adds in Python and kernel launches per layer. A branch run
-as ``linear, shrink, scale, expand`` took an SDXL step with 4 adapters to 1.64-1.75x base; one GEMM against the
+as ``linear, shrink, scale, expand`` took an SDXL step with 4 adapters to 1.50-1.75x base; one GEMM against the
 weight widened by the scaled down factors, ``[W; s*A]`` (and the bias by zeros), yields the output and the branch's
-hidden at once, and one ``addmm_`` adds the expand into the output's columns: 1.35-1.36x, the same two kernels
+hidden at once, and one ``addmm_`` adds the expand into the output's columns: 1.29-1.38x, the same two kernels
 written by hand 1.26-1.30x (``benchmarks/branch_variants.py``). Layers on :data:`DEVICES` only.
 
 :class:`WideLinear` re-homes the module's weight (and bias) as the first rows of that wider matrix: the parameter
