@@ -62,9 +62,15 @@ def test_compiled_unet_follows_every_state_change_without_recompiling(unet):
     assert not torch.allclose(seen[7], seen[8])
 
 
-def test_compiled_branches_follow_value_changes_without_recompiling():
+@pytest.mark.parametrize("wide_devices", [("cuda",), ("cuda", "cpu")], ids=["plain", "wide"])
+def test_compiled_branches_follow_value_changes_without_recompiling(wide_devices, monkeypatch):
     """Runtime-branch mode: a change of weights, a call-time scale and a same-layout hotswap rewrite the branches'
-    tensors in place (scales, stacked factors), so the compiled graph sees them without recompiling."""
+    tensors in place (scales, stacked factors), so the compiled graph sees them without recompiling. With
+    ``wide``, the eager reference runs lorakit.wide's path, whose first forward re-homes the weights under the
+    compiled graph."""
+    from lorakit import wide
+
+    monkeypatch.setattr(wide, "DEVICES", wide_devices)
     fam = family("sd15")
     pipe = fam.build()
     manager = lorakit.attach(pipe, mode="branch")
@@ -92,6 +98,9 @@ def test_compiled_branches_follow_value_changes_without_recompiling():
         assert manager.adapters["a"] is adapter  # the values were copied into the tensors the branches stack
         seen.append(check("same-layout hotswap"))
     assert all(not torch.allclose(x, y) for x, y in zip(seen, seen[1:]))
+    widened = [layer.wide is not None for layer in manager.states["unet"].layers.values()
+               if isinstance(layer.module, torch.nn.Linear)]
+    assert all(widened) if "cpu" in wide_devices else not any(widened)
 
 
 def test_compiled_denoiser_in_a_pipeline_gets_the_call_scale(unet):
