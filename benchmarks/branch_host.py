@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lorakit
+import lorakit.wide
 from lorakit.testing.loras import make_lora, to_state_dict
 
 
@@ -80,7 +81,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="0: inputs [1, width]; N: [1, N, width]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--wide", action="store_true", help="let CPU layers take lorakit.wide's path")
     args = parser.parse_args()
+    if args.wide:
+        lorakit.wide.DEVICES = ("cuda", "cpu")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

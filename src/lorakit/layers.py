@@ -284,8 +284,12 @@ class LayerState:
         branch, scale = self.live()
         if branch is None:
             return None
-        group, wide = self.group, self.wide
-        if group is not None and wide is not None and not wide.fresh(branch, scale):
+        wide = self.wide
+        if wide is not None and wide.fresh(branch, scale):  # every forward but the first after a change
+            if x.dtype == wide.dtype and wide.homed(module):
+                return None if wide.idle else wide
+        elif wide is not None and self.group is not None:
+            group = self.group
             key = (group.epoch, id(scale), scale._version)
             if group.refreshed != key:  # the first layer of the group to run since the switch: once per switch
                 group.refreshed = key
