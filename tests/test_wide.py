@@ -168,3 +168,39 @@ def test_a_switch_rewrites_each_groups_rows_at_once(monkeypatch):
         calls.clear()
         model(x)
         assert calls == []  # nothing stale until the next switch
+
+
+def test_widened_model_pickles_copies_and_saves(tmp_path):
+    """With weights re-homed: torch.save(model) and copy.deepcopy give plain layers whose weights hold what runs, and
+    save_pretrained writes the base weights, each exactly once (a view's whole storage is not written)."""
+    import copy
+    import io
+
+    from safetensors.torch import load_file
+
+    import lorakit
+    from helpers import denoiser_inputs, family, lora_state_dict
+
+    fam = family("sd15")
+    pipe, base = fam.build(), fam.build()
+    lorakit.attach(pipe, mode="branch")
+    pipe.load_lora_weights(lora_state_dict(pipe, fam, 1, text_encoders=False), adapter_name="a")
+    pipe.set_adapters("a", 0.7)
+    unet = pipe.unet
+    inputs = denoiser_inputs(unet)
+    with torch.no_grad():
+        live = unet(**inputs).sample
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer._lorakit_layer.wide is not None and not _storage_is_own(layer.weight)
+    buf = io.BytesIO()
+    torch.save(unet, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        for copied in (torch.load(buf, weights_only=False), copy.deepcopy(unet)):
+            assert torch.allclose(copied(**inputs).sample, live, atol=1e-5, rtol=0)
+            plain = copied.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+            assert type(plain) is torch.nn.Linear and not hasattr(plain, "_lorakit_layer")
+    unet.save_pretrained(tmp_path / "unet")
+    saved = load_file(str(next((tmp_path / "unet").glob("*.safetensors"))))
+    want = base.unet.state_dict()
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
