@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -326,6 +327,23 @@ class Recorder:
         self.ops: dict[str, OpResult] = {}
         self.measuring = False
         self.current = "setup"
+        # Python's garbage collections that fell inside each timed sample (op -> system -> ms per sample): a full
+        # collection walks every object of the process, both pipelines' included, whichever system triggered it
+        self.gc_ms: dict[str, dict[str, list[float]]] = {}
+        self._gc_total = 0.0
+        self._gc_start: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self._gc_total += time.perf_counter() - self._gc_start
+            self._gc_start = None
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
 
     def at(self, op: str) -> None:
         self.current = op
@@ -333,8 +351,11 @@ class Recorder:
 
     def time(self, op: str, system: str, fn: Callable[[], T]) -> T:
         self.at(op)
+        before = self._gc_total
         ms, out = self.clock.measure(fn)
         self.add(op, system, ms)
+        if self.measuring:
+            self.gc_ms.setdefault(op, {}).setdefault(system, []).append((self._gc_total - before) * 1e3)
         return out
 
     def add(self, op: str, system: str, ms: float) -> None:
@@ -984,6 +1005,10 @@ def report(result: dict[str, Any]) -> str:
     lines += memory_table(result["memory"])
     if result["notes"]:
         lines += ["", "Notes:"] + [f"- {k}: {v}" for k, v in result["notes"].items()]
+    if result.get("gc_pauses"):
+        lines += ["", "Python garbage collection inside timed samples (ms per sample, in the samples' order):"]
+        lines += [f"- {op}, {system}: {' '.join(f'{ms:.0f}' for ms in v)}"
+                  for op, by in result["gc_pauses"].items() for system, v in by.items()]
     for system, info in (result.get("compile") or {}).items():
         lines += ["", f"torch.compile, {system}:"] + [f"- {k}: {' '.join(str(v).split())[:300]}"
                                                       for k, v in info.items()]
@@ -1180,10 +1205,13 @@ class Bench:
         ctx = self.ctx
         self.meta["wall_s"] = round(time.perf_counter() - self.t0, 1)
         out: dict[str, Any] = {"meta": self.meta, "ops": {}, "checks": {}, "restore": {}, "memory": {}, "notes": {},
-                               "compile": {}, "error": error}
+                               "compile": {}, "gc_pauses": {}, "error": error}
         if ctx is not None:
             out.update(ops=op_summary(ctx), checks=ctx.diffs, restore=ctx.restore, memory=memory_summary(ctx),
-                       notes=ctx.notes, compile=ctx.compile_info)
+                       notes=ctx.notes, compile=ctx.compile_info,
+                       gc_pauses={op: by for op, by in ctx.rec.gc_ms.items()
+                                  if any(ms >= 1 for v in by.values() for ms in v)})
+            ctx.rec.close()
         failed_ops = [op for op, r in out["ops"].items() if r["errors"]]
         out["status"] = "failed" if error else ("partial" if failed_ops else "ok")
         out["failed_ops"] = failed_ops
