@@ -204,3 +204,15 @@ def test_widened_model_pickles_copies_and_saves(tmp_path):
     saved = load_file(str(next((tmp_path / "unet").glob("*.safetensors"))))
     want = base.unet.state_dict()
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+
+
+def test_lorakit_wide_0_keeps_the_plain_branch():
+    import os
+    import subprocess
+    import sys
+
+    code = "import lorakit.wide as w; print(w.DEVICES)"
+    for value, want in (("0", "()"), ("1", "('cuda',)")):
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LORAKIT_WIDE": value},
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == want, done.stderr[-2000:]

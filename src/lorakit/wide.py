@@ -23,6 +23,8 @@ outgrow the capacity or the module moves).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,9 @@ from torch import nn
 # Where layers take this path: on CUDA an eager step is bound by host time. On the CPU the arithmetic dominates: an
 # SD1.5 step ran as fast on the plain branch, and widening cost its first forward after a load 0.3 s (a copy of
 # every targeted weight), so CPU layers keep their parameters' storage. (Tests add "cpu" to run the path.)
-DEVICES: tuple[str, ...] = ("cuda",)
+# LORAKIT_WIDE=0, or DEVICES = () before the first forward: the plain branch everywhere (outputs contiguous,
+# parameters where they were).
+DEVICES: tuple[str, ...] = () if os.environ.get("LORAKIT_WIDE", "1") == "0" else ("cuda",)
 
 
 def _all_zero(scale: torch.Tensor) -> bool:
