@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -34,12 +35,18 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_SERIALS = itertools.count(1)
+
+
 @dataclass
 class FusedEntry:
     """An adapter the user fused: the exact contributions it was fused with, kept so unfuse is exact."""
 
     adapter: str
     contributions: dict[str, Contribution]
+    # Switch plans are kept under keys naming the fused entries. Not by id(): an entry freed by unfuse_lora leaves its
+    # address to the next one, and a fuse at another scale then reran the plan kept for the old entry (stale weights)
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
 
 @dataclass
@@ -169,7 +176,7 @@ class ComponentState:
         live = self._live_rules()
         fused = self.fused if self.enabled else []
         param = next(self.model.parameters(), None)
-        key = (mode, self.enabled, tuple(name for name, _, _ in live), tuple(id(f) for f in fused), self.version,
+        key = (mode, self.enabled, tuple(name for name, _, _ in live), tuple(f.serial for f in fused), self.version,
                None if param is None else (param.device, param.dtype))
         return mode, live, fused, key
 
@@ -207,7 +214,7 @@ class ComponentState:
             return kept
         if mode == "merge":
             # (the key of a plan's, less which adapters are live: every set of them shares one layout)
-            layout_key = (self.version, tuple(self.adapters), tuple(id(f) for f in fused), key[5])
+            layout_key = (self.version, tuple(self.adapters), tuple(f.serial for f in fused), key[5])
             layout = self._layouts.pop(layout_key, layout_key)
             built = plan.build_merged(key, self.layers, self.adapters, [name for name, _, _ in live], fused, factors,
                                       per_path, resolve, layout)
