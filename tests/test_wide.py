@@ -216,3 +216,25 @@ def test_lorakit_wide_0_keeps_the_plain_branch():
         done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LORAKIT_WIDE": value},
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.strip() == want, done.stderr[-2000:]
+
+
+def test_a_first_forward_in_inference_mode_leaves_normal_parameters():
+    """Widened inside torch.inference_mode, the parameters must not become inference tensors: a later fuse, unfuse,
+    unload (in-place writes) and backward outside it must work."""
+    pipe, model = tiny_pipe()
+    x = inputs()
+    with torch.inference_mode():
+        model(x)
+    layer = pipe._lorakit_manager.states["transformer"].layers["to_q"]
+    assert layer.wide is not None and not model.to_q.weight.is_inference()
+    pipe.set_adapters(["a", "b"], WEIGHTS[1])
+    with torch.no_grad():
+        for g, ref in zip(model(x), reference(model, x, WEIGHTS[1])):
+            assert torch.allclose(g.double(), ref, atol=1e-5, rtol=0)
+    pipe.fuse_lora()
+    pipe.unfuse_lora()
+    out = model(x)  # grad enabled: the plain branch, through autograd
+    sum(o.sum() for o in out).backward()
+    assert model.to_q.weight.grad is not None
+    pipe.unload_lora_weights()
+    assert _storage_is_own(model.to_q.weight) and not model.to_q.weight.is_inference()

@@ -47,9 +47,16 @@ def _all_zero(scale: torch.Tensor) -> bool:
     return seen[1]
 
 
+# The matrix, its views and the parameters' new storage are made outside inference mode even when the first forward
+# runs inside it: inference tensors would turn the parameters into ones that no later in-place write (a fuse, a merge,
+# an unload) or autograd may touch.
+_normal = torch.inference_mode(False)
+
+
 class WideLinear:
     """A Linear's weight and bias as the first rows of ``[W; s*A]`` and ``[b; 0]``, with the expand's factor."""
 
+    @_normal
     def __init__(self, module: nn.Linear, capacity: int) -> None:
         w = module._parameters["weight"]
         b = module._parameters["bias"]
@@ -106,6 +113,7 @@ class WideLinear:
         return (down.shape[0] <= self.capacity and down.dtype == m.dtype and down.device == m.device
                 and down.shape[1] == m.shape[1])
 
+    @_normal
     def _views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(the rows for ``rank`` ranks, the matrix down to them, the bias down to them), made once per rank."""
         views = self._by_rank.get(rank)
@@ -114,6 +122,7 @@ class WideLinear:
             views = self._by_rank[rank] = (m[self.out:end], m[:end], None if self.bias is None else self.bias[:end])
         return views
 
+    @_normal
     def point(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor) -> None:
         """Run this branch from now on: its rows hold ``down * scale`` already (:meth:`ready` or :func:`rewrite`)."""
         down = branch[0]
@@ -130,6 +139,7 @@ class WideLinear:
         y.view(-1, self.out).addmm_(hidden.view(-1, self.sizes[1]), self.up)
         return y
 
+    @_normal
     def release(self, module: nn.Module) -> None:
         """Give the module's parameters storage of their own again (the values stay): the extra rows are freed."""
         if self.homed(module):
