@@ -102,7 +102,8 @@ def test_conv_branch_on_channels_last_inputs():
 
 def against_peft(convs: bool):
     """An SD1.5-shaped UNet in branch mode next to diffusers+PEFT, adapters "a" (on convs too with ``convs``) and
-    "b" loaded in both, outputs compared at each of WEIGHTS; returns (family, PEFT pipeline, lorakit pipeline)."""
+    "b" loaded in both; yields (family, PEFT pipeline, lorakit pipeline, weights, lorakit's outputs, PEFT's outputs)
+    at each of WEIGHTS."""
     fam = family("sd15")
     ref, ours = pair(fam, mode="branch")
     files = {name: lora_state_dict(ours, fam, seed, convs=c, text_encoders=False)
@@ -113,14 +114,14 @@ def against_peft(convs: bool):
     for weights in WEIGHTS:
         for p in (ref, ours):
             p.set_adapters(["a", "b"], weights)
-        assert_close(outputs(ours, fam), outputs(ref, fam), what=str(weights))
-    return fam, ref, ours
+        yield fam, ref, ours, weights, outputs(ours, fam), outputs(ref, fam)
 
 
 def test_conv_branches_match_diffusers_peft():
     """An SD1.5-shaped UNet with LoRAs on its convs and linears: branch mode against diffusers+PEFT, before and after
     a change of weights. (PEFT refuses a second adapter with conv targets: "b" has linears only.)"""
-    against_peft(convs=True)
+    for _, _, _, weights, got, want in against_peft(convs=True):
+        assert_close(got, want, what=str(weights))
 
 
 @torch.no_grad()

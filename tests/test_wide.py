@@ -138,7 +138,8 @@ def test_cpu_layers_keep_their_storage_by_default(monkeypatch):
 def test_wide_path_matches_diffusers_peft():
     """An SD1.5-shaped UNet, two adapters in branch mode with the wide path, against diffusers+PEFT: new weights, a
     switch to one adapter, a call-time scale (0 gives the base bit for bit)."""
-    fam, ref, ours = against_peft(convs=False)
+    for fam, ref, ours, weights, got, want in against_peft(convs=False):
+        assert_close(got, want, what=str(weights))
     layers = ours._lorakit_manager.states[fam.denoiser].layers.values()
     assert all(layer.wide is not None for layer in layers if isinstance(layer.module, torch.nn.Linear))
     for p in (ref, ours):
