@@ -9,6 +9,11 @@ default). The variants differ in kernels and host work per layer:
 - ``wide``: one linear against ``[W; s*A]`` (and bias ``[b; 0]``) gives the output and the hidden in one GEMM, then
   addmm_ of the expand into the output's columns (2 kernels; the output is a strided view): lorakit.wide's path.
 
+- ``shared``: ``wide``, and layers of one attention module that take the same input (to_q/to_k/to_v of self-
+  attention, to_k/to_v of cross-attention) share one GEMM against ``[Wq; Wk; Wv; s*Aq; s*Ak; s*Av]`` and one addmm_
+  against the block-diagonal up factors: the first of them computes all, the others return their columns;
+- ``shared3``: as ``shared`` with one addmm_ per layer (no block-diagonal waste, two more kernels per group).
+
 - ``lorakit 4`` / ``lorakit 1``: a second UNet with the same weights, ``lorakit.attach(mode="branch")``, four
   rank-``rank/4`` adapters loaded, all four or one of them active (the first forward after each switch rewrites the
   rows: one of the three timed per round).
@@ -35,12 +40,14 @@ parser.add_argument("--rounds", type=int, default=6)
 parser.add_argument("--latent", type=int, default=128, help="latent side (128: 1024 px; 32: a host-bound step)")
 parser.add_argument("--check", action="store_true", help="lorakit 4's wide path against its plain branch (grad on)")
 parser.add_argument("--profile", action="store_true", help="then cProfile one forward of wide and lorakit 4")
+parser.add_argument("--profile-switch", action="store_true", help="only cProfile lorakit's first forward after a switch")
 args = parser.parse_args()
 dev, dt = "cuda", torch.float16
 torch.manual_seed(0)
 with torch.no_grad():
     unet = tm.sdxl_unet(device=dev, dtype=dt)
-    layers = [m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TRANSFORMER_TARGETS)]
+    named = [(n, m) for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TRANSFORMER_TARGETS)]
+    layers = [m for _, m in named]
     print(len(layers), "layers, rank", args.rank)
     R = args.rank
     fac = []
@@ -79,7 +86,61 @@ with torch.no_grad():
             return y
         return f
 
-    variants = {"base": None, "four": four, "scaledB": scaledB, "wide": widef}
+    def shared_groups():
+        """(leader, followers) per attention module: the layers that take the same input."""
+        by_name = dict(zip([n for n, _ in named], fac))
+        groups = []
+        for n, mod in unet.named_modules():
+            if type(mod).__name__ != "Attention":
+                continue
+            names = ("to_q", "to_k", "to_v") if not mod.is_cross_attention else ("to_k", "to_v")
+            groups.append([by_name[f"{n}.{c}"] for c in names])
+        return groups
+
+    def make_shared(group, single):
+        mods = [g[0] for g in group]
+        outs = [g[9] for g in group]
+        ws = torch.cat([g[1] for g in group] + [g[3] * g[5][:, None] for g in group])
+        ups = [g[4].t().contiguous() for g in group]
+        if single:
+            up = torch.block_diag(*[g[4] for g in group]).t().contiguous()
+        sizes, total, rr = (sum(outs), R * len(group)), sum(outs), R * len(group)
+        cache = {}
+
+        def lead(x):
+            y, h = F.linear(x, ws).split_with_sizes(sizes, -1)
+            if single:
+                y.view(-1, total).addmm_(h.view(-1, rr), up)
+                parts = y.split_with_sizes(outs, -1)
+            else:
+                parts = y.split_with_sizes(outs, -1)
+                hs = h.split(R, -1)
+                for p_, h_, u in zip(parts, hs, ups):
+                    p_.view(-1, p_.shape[-1]).addmm_(h_.reshape(-1, R), u)
+            cache["x"], cache["parts"] = x, parts
+            return parts[0]
+
+        def follow(i, own):
+            def f(x):
+                if cache.get("x") is x:
+                    return cache["parts"][i]
+                return own(x)
+            return f
+        return {mods[0]: lead, **{m: follow(i, widef(*g[1:])) for i, (m, g) in enumerate(zip(mods, group)) if i}}
+
+    class Shared:
+        def __init__(self, single):
+            self.single = single
+
+        def install(self):
+            done = {}
+            for g in shared_groups():
+                done.update(make_shared(g, self.single))
+            for m, *rest in fac:
+                m.forward = done.get(m) or widef(*rest)
+
+    variants = {"base": None, "four": four, "scaledB": scaledB, "wide": widef, "shared": Shared(True),
+                "shared3": Shared(False)}
     lk = tm.sdxl_unet(device=dev, dtype=dt)
     pipe = types.SimpleNamespace(unet=lk)
     lorakit.attach(pipe, mode="branch")
@@ -89,6 +150,8 @@ with torch.no_grad():
     sets = {"lorakit 4": (["a0", "a1", "a2", "a3"], [0.5, 0.6, 0.7, 0.8]), "lorakit 1": (["a0"], [0.8])}
 
     def install(v):
+        if isinstance(v, Shared):
+            return v.install()
         for m, *rest in fac:
             if v is None:
                 m.__dict__.pop("forward", None)
@@ -110,6 +173,17 @@ with torch.no_grad():
         install(variants[name])
         return fwd
 
+    if args.profile_switch:  # where the first forward after a switch spends its host time
+        import cProfile
+        import pstats
+        for name in ("lorakit 4", "lorakit 1", "lorakit 4", "lorakit 1"):
+            prepare(name)(); prepare(name)()
+        torch.cuda.synchronize()
+        for name in ("lorakit 4", "lorakit 1"):
+            run = prepare(name)
+            prof = cProfile.Profile(); prof.enable(); run(); prof.disable(); torch.cuda.synchronize()
+            print("first forward after switching to", name); pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+        raise SystemExit
     outs = {}
     for name in [*variants, *sets]:
         run = prepare(name); outs[name] = run().float(); run()
@@ -130,11 +204,13 @@ with torch.no_grad():
                     first[name].append(s0.elapsed_time(s1))
                 else:
                     gpu[name].append(s0.elapsed_time(s1)); host[name].append((h1 - h0) * 1e3)
-    b = statistics.median(gpu["base"])
-    print("medians of forwards 2-4 after each prepare; 'first': the forward right after it")
+    b = statistics.median(gpu["base"]); bmin = min(gpu["base"])
+    print("medians of forwards 2-4 after each prepare; 'first': the forward right after it; 'min': the fastest "
+          "forward (a noisy host only adds time)")
     for name in names:
-        g = statistics.median(gpu[name]); h = statistics.median(host[name])
-        print(f"{name:9s} step {g:7.2f} ms ({g / b:.3f}x base)   host {h:7.2f} ms   first {statistics.median(first[name]):7.2f}")
+        g = statistics.median(gpu[name]); h = statistics.median(host[name]); m = min(gpu[name])
+        print(f"{name:9s} step {g:7.2f} ms ({g / b:.3f}x base)   min {m:7.2f} ms ({m / bmin:.3f}x)   "
+              f"host {h:7.2f} ms   first {statistics.median(first[name]):7.2f}")
     if args.check:  # with grad enabled lorakit runs the plain branch (shrink, scale, expand)
         run = prepare("lorakit 4")
         fast = run().float()

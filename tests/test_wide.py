@@ -140,8 +140,13 @@ def test_wide_path_matches_diffusers_peft():
     switch to one adapter, a call-time scale (0 gives the base bit for bit)."""
     for fam, ref, ours, weights, got, want in against_peft(convs=False):
         assert_close(got, want, what=str(weights))
-    layers = ours._lorakit_manager.states[fam.denoiser].layers.values()
-    assert all(layer.wide is not None for layer in layers if isinstance(layer.module, torch.nn.Linear))
+    layers = ours._lorakit_manager.states[fam.denoiser].layers
+    assert all(layer.wide is not None or layer.fanout is not None
+               for layer in layers.values() if isinstance(layer.module, torch.nn.Linear))
+    # the projections that read one input run as fanouts (lorakit.fanout): self-attention's q/k/v, cross-attention's k/v
+    fans = {tuple(p.rsplit(".", 1)[1] for p, ly in layers.items() if ly.fanout is fan)
+            for fan in {id(ly.fanout): ly.fanout for ly in layers.values() if ly.fanout is not None}.values()}
+    assert fans == {("to_q", "to_k", "to_v"), ("to_k", "to_v")}
     for p in (ref, ours):
         p.set_adapters("b", 0.6)
     assert_close(outputs(ours, fam), outputs(ref, fam), what="b alone")

@@ -30,10 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import WeightDelta
+from . import fanout as _fanout
 from . import wide as _wide
 from .wide import WideLinear
 
 if TYPE_CHECKING:
+    from .fanout import Fanout
     from .pool import Group, Pool
 
 Contribution = tuple[WeightDelta, float]  # (delta, total multiplier on its unscaled form)
@@ -63,6 +65,11 @@ class LayerState:
     _running: object = False  # True: the module's class is swapped for its branch-running subclass; a hook handle
     widenable: bool = False  # a plain nn.Linear on a wide.DEVICES device, running on the subclass (see _widenable)
     wide: WideLinear | None = None  # the weight re-homed into [W; s*A] (lorakit.wide), kept until drop
+    fanout: Fanout | None = None  # run with the layers that read the same input (lorakit.fanout), or None
+    fan_index: int = 0  # this layer's place in its fanout (0: the one that computes all)
+    next_same: LayerState | None = None  # the widened layer called right after this one on its input, last forward
+    strikes: int = 0  # fanouts of this layer dissolved because calls stopped following their pattern
+    lonely: int = 0  # forwards in a row in which no layer followed this one on its input nor it another (learning)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -196,7 +203,7 @@ class LayerState:
         self.branch_scale = torch.tensor(values, dtype=w.dtype, device=w.device)
         self.branch_applied = structure
         self._run(True)
-        self.widenable = self._widenable()
+        self._set_widenable()
 
     @torch.no_grad()
     def restack_branch(self) -> None:
@@ -212,14 +219,14 @@ class LayerState:
         """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
         self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
         self._run(True)
-        self.widenable = self._widenable()
+        self._set_widenable()
 
     def join(self, group: Group) -> None:
         """Run on ``group``'s span of this layer's pool (see :mod:`lorakit.pool`), picked up at the next forward."""
         self.group, self._epoch = group, 0
         self.branch, self.branch_scale, self.branch_applied = None, None, ()
         self._run(True)
-        self.widenable = self._widenable()
+        self._set_widenable()
 
     def current(self, keep: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """(branch factors, per-rank scale) this layer runs now: its group's span of the pool when it has a group
@@ -242,6 +249,8 @@ class LayerState:
         if on == bool(self._running):
             return
         module = self.module
+        if not on and self.fanout is not None:
+            self.fanout.dissolve()
         if not on and self.wide is not None and not self.wide.homed(module):
             self.wide = None  # the module moved (.to()): the old matrix holds nothing of it any more
         if on and "forward" in module.__dict__:
@@ -257,6 +266,12 @@ class LayerState:
         else:
             self._running.remove()
             self._running = False
+
+    def _set_widenable(self) -> None:
+        self.widenable = self._widenable()
+        self.lonely = 0  # (a switch: layers whose branches run now may read one input; learn again)
+        if not self.widenable and self.fanout is not None:
+            self.fanout.dissolve()  # (a fanout checks no member's eligibility per forward: it leaves here)
 
     def _widenable(self) -> bool:
         """Whether eager inference may run this layer through a :class:`~lorakit.wide.WideLinear`: a plain
@@ -277,6 +292,21 @@ class LayerState:
             return self.current()
         return self.branch, self.branch_scale
 
+    def fast(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's output on ``x`` by the eager fast path when it is in no fanout (its own widened weight, or a
+        fanout it forms now), or None where the plain branch runs instead. Only for eager inference of a widenable
+        layer; a layer in a fanout runs :meth:`lorakit.fanout.Fanout.run` (None there: the plain branch, on the
+        weight's rows in the fanout's matrix)."""
+        if (_fanout.ENABLED and self.strikes < _fanout.STRIKES and self.lonely < _fanout.LONELY
+                and self.live()[0] is not None):
+            chain = _fanout.note(self, x)
+            if chain is not None and _fanout.form(chain, x) is not None:
+                out = self.fanout.run(self, x)
+                if out is not None or self.fanout is not None:
+                    return out
+        wide = self.wide_for(module, x)
+        return None if wide is None else wide(x)
+
     def wide_for(self, module: nn.Module, x: torch.Tensor) -> WideLinear | None:
         """The :class:`~lorakit.wide.WideLinear` to run ``x`` through (two kernels for the layer and its branch),
         widening the weight when needed; None where the plain branch runs instead (no branch, every multiplier 0, a
@@ -289,11 +319,7 @@ class LayerState:
             if x.dtype == wide.dtype and wide.homed(module):
                 return None if wide.idle else wide
         elif wide is not None and self.group is not None:
-            group = self.group
-            key = (group.epoch, id(scale), scale._version)
-            if group.refreshed != key:  # the first layer of the group to run since the switch: once per switch
-                group.refreshed = key
-                self.refresh_group(group)
+            self.refresh_once(self.group)
         if wide is None or not wide.ready(module, x, branch, scale):
             wide = self._widen(module, x, branch, scale)
             if wide is None:
@@ -301,11 +327,26 @@ class LayerState:
         return None if wide.idle else wide
 
     @staticmethod
+    def refresh_once(group: Group) -> None:
+        """:meth:`refresh_group` when no layer of the group did since the last switch (its span or its scales)."""
+        scale = group.scale
+        key = (group.epoch, id(scale), None if scale is None else scale._version)
+        if group.refreshed != key:  # the first layer of the group to run since the switch: once per switch
+            group.refreshed = key
+            LayerState.refresh_group(group)
+
+    @staticmethod
     def refresh_group(group: Group) -> None:
         """A switch moved this group's span or rewrote its scales: bring the rows of every layer of the group that
-        is widened already up to date at once (:func:`lorakit.wide.rewrite`), rather than each at its own forward."""
-        items = []
+        is widened already, alone or in a fanout, up to date at once (:func:`lorakit.wide.rewrite`,
+        :func:`lorakit.fanout.rewrite`), rather than each at its own forward."""
+        items, fans = [], []
         for layer in group.layers:
+            fan = layer.fanout
+            if fan is not None:
+                if layer.fan_index == 0 and fan.state() == _fanout.STALE:
+                    fans.append(fan)
+                continue
             wide = layer.wide
             if wide is None or not layer.widenable or not wide.homed(layer.module):
                 continue
@@ -313,6 +354,7 @@ class LayerState:
             if branch is not None and wide.holds(branch[0]):
                 items.append((wide, branch, scale))
         _wide.rewrite(items)
+        _fanout.rewrite(fans)
 
     def _widen(self, module: nn.Module, x: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor],
                scale: torch.Tensor) -> WideLinear | None:
@@ -360,9 +402,12 @@ class LayerState:
         self.group = self.pool = None
         if self.branch is not None or self._running:
             self.set_branch([])
+        if self.fanout is not None:
+            self.fanout.dissolve()
         if self.wide is not None:
             self.wide.release(self.module)
             self.wide = None
+        self.next_same, self.strikes, self.lonely = None, 0, 0
         self.base = self.base_bias = None
         self.applied = ()
         self.deltas.clear()
@@ -382,9 +427,12 @@ def _branch_class(cls: type) -> type:
             layer = self._lorakit_layer
             # (compiling first: a traced graph never reads the wide path's bookkeeping, so it adds no guards)
             if layer.widenable and not _compiling() and not torch.is_grad_enabled():
-                wide = layer.wide_for(self, input)
-                if wide is not None:
-                    return wide(input)
+                fan = layer.fanout  # (the common case first: one call less per layer)
+                out = fan.run(layer, input) if fan is not None else layer.fast(self, input)
+                if out is None and fan is not None and layer.fanout is None:
+                    out = layer.fast(self, input)  # the fanout dissolved just now: this layer runs alone
+                if out is not None:
+                    return out
             return layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))
 
         made = _BRANCH_CLASSES[cls] = type(cls.__name__, (cls,), {
