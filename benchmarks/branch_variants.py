@@ -40,6 +40,9 @@ parser.add_argument("--rounds", type=int, default=6)
 parser.add_argument("--latent", type=int, default=128, help="latent side (128: 1024 px; 32: a host-bound step)")
 parser.add_argument("--check", action="store_true", help="lorakit 4's wide path against its plain branch (grad on)")
 parser.add_argument("--profile", action="store_true", help="then cProfile one forward of wide and lorakit 4")
+parser.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="instead: N rounds of base, wide, shared and lorakit 4 (set once), one timed forward each "
+                         "per round; medians of each round's ratio to its own base (robust to a host whose speed drifts)")
 parser.add_argument("--profile-switch", action="store_true", help="only cProfile lorakit's first forward after a switch")
 args = parser.parse_args()
 dev, dt = "cuda", torch.float16
@@ -183,6 +186,31 @@ with torch.no_grad():
             run = prepare(name)
             prof = cProfile.Profile(); prof.enable(); run(); prof.disable(); torch.cuda.synchronize()
             print("first forward after switching to", name); pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+        raise SystemExit
+    if args.paired:
+        pipe.set_adapters(*sets["lorakit 4"])
+        runs = {"base": None, "wide": None, "shared": None, "lorakit 4": lambda: fwd(lk)}
+        ratios = {k: [] for k in runs}
+        steps = {k: [] for k in runs}
+        for r in range(args.paired + 1):
+            times = {}
+            for name, run in runs.items():
+                if run is None:
+                    install(variants[name])
+                    run = fwd
+                run()  # (untimed: the first after an install)
+                torch.cuda.synchronize()
+                s0 = torch.cuda.Event(enable_timing=True); s1 = torch.cuda.Event(enable_timing=True)
+                s0.record(); run(); s1.record(); torch.cuda.synchronize()
+                times[name] = s0.elapsed_time(s1)
+            if r:  # (round 0: warm-up)
+                for name in runs:
+                    ratios[name].append(times[name] / times["base"]); steps[name].append(times[name])
+        print(f"paired: {args.paired} rounds, each variant's step over the same round's base step")
+        for name in runs:
+            q = statistics.quantiles(ratios[name], n=4)
+            print(f"{name:9s} median {statistics.median(ratios[name]):.3f}x base (quartiles {q[0]:.3f}-{q[2]:.3f}), "
+                  f"step median {statistics.median(steps[name]):7.2f} ms, min {min(steps[name]):7.2f} ms")
         raise SystemExit
     outs = {}
     for name in [*variants, *sets]:

@@ -133,6 +133,7 @@ class Fanout:
             ptrs.append((w.data_ptr(), 0 if b is None else b.data_ptr()))
             start += out
         self.ptrs = ptrs
+        self.checks = [(m, m.module._parameters, wp, bp) for m, (wp, bp) in zip(members, ptrs)]  # (state())
         self.sources: list[tuple] = [()] * len(members)  # per member: (down, scale, up, their versions)
         self.ranks: tuple[int, ...] = ()
         self.used = self.used_bias = self.up = None
@@ -148,8 +149,7 @@ class Fanout:
 
     def homed(self) -> bool:
         """Whether every member's parameters still live in the matrix (``.to()``/``.half()`` replace their data)."""
-        for m, (wp, bp) in zip(self.members, self.ptrs):
-            p = m.module._parameters
+        for _, p, wp, bp in self.checks:
             b = p["bias"]
             if p["weight"].data_ptr() != wp or (0 if b is None else b.data_ptr()) != bp:
                 return False
@@ -157,39 +157,23 @@ class Fanout:
 
     def run(self, layer: LayerState, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output on ``x``: the first member computes every member's, the others take theirs. None
-        where the plain branch runs instead (the fanout dissolved, or every multiplier is 0)."""
+        where the plain branch runs instead (the fanout dissolved, or every multiplier is 0). (Host time: this runs
+        for every member at every forward.)"""
         i = layer.fan_index
-        if i == 0:
-            return self._lead(x)
-        part = self.parts[i]
-        if part is None:  # the first member did not run this round (idle, or called after this one)
-            return None
-        if self.x is x and self.version == x._version:
-            self.parts[i] = None
-            self.left -= 1
-            if not self.left:
-                self.x = None
-            return part
-        self.dissolve(strike=True)  # called on another input: the pattern changed
-        return None
-
-    def _lead(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.left:  # a member did not take its output last round
-            self.dissolve(strike=True)
-            return None
-        if x.dtype != self.dtype or x.is_inference():  # (autocast; see note): the members run the plain branch
-            return None
-        state = self.state()
-        if state == MOVED:
-            self.dissolve()
-            return None
-        if state == STALE:
-            group = self.members[0].group
-            if group is not None:  # the first layer of its group to run since a switch: the whole group at once
-                self.members[0].refresh_once(group)
-            if self.stale() and not rewrite([self]):
-                self.dissolve()
+        if i:
+            part = self.parts[i]
+            if part is None:  # the first member did not run this round (idle, or called after this one)
                 return None
+            if self.x is x and self.version == x._version:
+                self.parts[i] = None
+                self.left -= 1
+                if not self.left:
+                    self.x = None
+                return part
+            self.dissolve(strike=True)  # called on another input: the pattern changed
+            return None
+        if (self.left or x.dtype != self.dtype or x.is_inference() or self.state() != FRESH) and not self._settle(x):
+            return None
         if self.idle:
             return None
         y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
@@ -197,6 +181,27 @@ class Fanout:
         parts = list(y.split_with_sizes(self.outs, -1))
         self.parts, self.left, self.x, self.version = parts, len(parts) - 1, x, x._version
         return parts[0]
+
+    def _settle(self, x: torch.Tensor) -> bool:
+        """Whether the first member may compute this round after all, bringing the rows up to date if they are
+        stale; False where the members run the plain branch (dissolving the fanout when it no longer holds)."""
+        if self.left:  # a member did not take its output last round
+            self.dissolve(strike=True)
+            return False
+        if x.dtype != self.dtype or x.is_inference():  # (autocast; see note): this round only
+            return False
+        state = self.state()
+        if state == MOVED:
+            self.dissolve()
+            return False
+        if state == STALE:
+            group = self.members[0].group
+            if group is not None:  # the first layer of its group to run since a switch: the whole group at once
+                self.members[0].refresh_once(group)
+            if self.stale() and not rewrite([self]):
+                self.dissolve()
+                return False
+        return True
 
     def stale(self) -> bool:
         return self.state() != FRESH
@@ -207,10 +212,9 @@ class Fanout:
         block-diagonal were written, else FRESH. Every forward's check, :meth:`homed` and the members'
         :meth:`LayerState.live` inlined in one loop."""
         stale = False
-        for m, (wp, bp), src in zip(self.members, self.ptrs, self.sources):
-            p = m.module._parameters
+        for (m, p, wp, bp), src in zip(self.checks, self.sources):
             b = p["bias"]
-            if p["weight"].data_ptr() != wp or (b is not None and b.data_ptr() != bp):
+            if p["weight"].data_ptr() != wp or (0 if b is None else b.data_ptr()) != bp:
                 return MOVED
             if stale:
                 continue

@@ -297,8 +297,9 @@ class LayerState:
         fanout it forms now), or None where the plain branch runs instead. Only for eager inference of a widenable
         layer; a layer in a fanout runs :meth:`lorakit.fanout.Fanout.run` (None there: the plain branch, on the
         weight's rows in the fanout's matrix)."""
-        if (_fanout.ENABLED and self.strikes < _fanout.STRIKES and self.lonely < _fanout.LONELY
-                and self.live()[0] is not None):
+        if self.lonely < _LONELY and (not _fanout.ENABLED or self.strikes >= _fanout.STRIKES):
+            self.lonely = _LONELY  # learns nothing: every forward takes WideLinear.run straight away
+        if self.lonely < _LONELY and self.live()[0] is not None:
             chain = _fanout.note(self, x)
             if chain is not None and _fanout.form(chain, x) is not None:
                 out = self.fanout.run(self, x)
@@ -415,6 +416,7 @@ class LayerState:
 
 _BRANCH_CLASSES: dict[type, type] = {}
 _compiling = torch.compiler.is_compiling  # (read on every branch layer's forward)
+_LONELY = _fanout.LONELY
 
 
 def _branch_class(cls: type) -> type:
@@ -427,10 +429,17 @@ def _branch_class(cls: type) -> type:
             layer = self._lorakit_layer
             # (compiling first: a traced graph never reads the wide path's bookkeeping, so it adds no guards)
             if layer.widenable and not _compiling() and not torch.is_grad_enabled():
-                fan = layer.fanout  # (the common case first: one call less per layer)
-                out = fan.run(layer, input) if fan is not None else layer.fast(self, input)
-                if out is None and fan is not None and layer.fanout is None:
-                    out = layer.fast(self, input)  # the fanout dissolved just now: this layer runs alone
+                # (host time: each line here runs ~700 times per denoising step; one call per layer when set up)
+                fan = layer.fanout
+                if fan is not None:
+                    out = fan.run(layer, input)
+                    if out is None and layer.fanout is None:
+                        out = layer.fast(self, input)  # the fanout dissolved just now: this layer runs alone
+                else:
+                    wide = layer.wide
+                    out = wide.run(layer, self, input) if wide is not None and layer.lonely >= _LONELY else None
+                    if out is None:
+                        out = layer.fast(self, input)
                 if out is not None:
                     return out
             return layer.run_branch(self, input, base_forward(self, input, *args, **kwargs))

@@ -133,6 +133,25 @@ class WideLinear:
         self.source = (down, scale, down._version, scale._version)
         self.idle = _all_zero(scale)
 
+    def run(self, layer, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Every forward's path once set up: :meth:`__call__` when the rows hold ``layer``'s branch as it is now
+        (:meth:`fresh`, :meth:`homed` and ``LayerState.live`` inlined: this runs on ~700 layers per step), else
+        None (the caller goes the slow way: :meth:`LayerState.wide_for`)."""
+        group = layer.group
+        branch = layer.branch
+        if branch is None or self.idle or x.dtype != self.dtype or (group is not None and layer._epoch != group.epoch):
+            return None
+        down, scale, src = branch[0], layer.branch_scale, self.source
+        if not (src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version):
+            return None
+        p = module._parameters
+        b = p["bias"]
+        if p["weight"].data_ptr() != self.ptrs[0] or (0 if b is None else b.data_ptr()) != self.ptrs[1]:
+            return None
+        y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
+        y.view(-1, self.out).addmm_(hidden.view(-1, self.sizes[1]), self.up)
+        return y
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``linear(x, W, b) + ((x @ A^T) * s) @ B^T`` in two kernels (after :meth:`ready`, when not idle)."""
         y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
