@@ -41,8 +41,8 @@ parser.add_argument("--latent", type=int, default=128, help="latent side (128: 1
 parser.add_argument("--check", action="store_true", help="lorakit 4's wide path against its plain branch (grad on)")
 parser.add_argument("--profile", action="store_true", help="then cProfile one forward of wide and lorakit 4")
 parser.add_argument("--paired", type=int, default=0, metavar="N",
-                    help="instead: N rounds of base, wide, shared and lorakit 4 (set once), one timed forward each "
-                         "per round; medians of each round's ratio to its own base (robust to a host whose speed drifts)")
+                    help="instead: N rounds of base, wide, shared, lorakit 4 and lorakit 1, one untimed and one timed "
+                         "forward each per round; medians of each round's ratio to its own base (robust to a host whose speed drifts)")
 parser.add_argument("--profile-switch", action="store_true", help="only cProfile lorakit's first forward after a switch")
 args = parser.parse_args()
 dev, dt = "cuda", torch.float16
@@ -188,8 +188,7 @@ with torch.no_grad():
             print("first forward after switching to", name); pstats.Stats(prof).sort_stats("tottime").print_stats(14)
         raise SystemExit
     if args.paired:
-        pipe.set_adapters(*sets["lorakit 4"])
-        runs = {"base": None, "wide": None, "shared": None, "lorakit 4": lambda: fwd(lk)}
+        runs = {"base": None, "wide": None, "shared": None, "lorakit 4": "lorakit 4", "lorakit 1": "lorakit 1"}
         ratios = {k: [] for k in runs}
         steps = {k: [] for k in runs}
         for r in range(args.paired + 1):
@@ -198,7 +197,9 @@ with torch.no_grad():
                 if run is None:
                     install(variants[name])
                     run = fwd
-                run()  # (untimed: the first after an install)
+                elif isinstance(run, str):
+                    run = prepare(run)  # a switch of lorakit's set (rewrites its rows at the next forward)
+                run()  # (untimed: the first after an install or a switch)
                 torch.cuda.synchronize()
                 s0 = torch.cuda.Event(enable_timing=True); s1 = torch.cuda.Event(enable_timing=True)
                 s0.record(); run(); s1.record(); torch.cuda.synchronize()
