@@ -4,22 +4,23 @@ An attention module projects one input three times (``to_q``, ``to_k``, ``to_v``
 ``to_v`` of cross-attention read the text states; a Flux single block adds ``proj_mlp``). Each widened layer
 (:mod:`lorakit.wide`) costs two kernels and their host time; a :class:`Fanout` runs its layers as one GEMM against
 ``[W_1; ...; W_n; s_1*A_1; ...; s_n*A_n]`` and one ``addmm_`` against the block-diagonal of the up factors, so three
-layers cost two kernels where the base model runs three. On an H200 an SDXL step with a rank-128 branch on every
-transformer layer went from 1.26x base (each layer widened, written by hand) to 1.14x (``benchmarks/
-branch_variants.py``, variants ``wide`` and ``shared``).
+layers cost two kernels where the base model runs three. On an H200 an SDXL step with 4 adapters (rank 128 on each
+of 722 layers) went from 1.32x to 1.25x base, the same kernels by hand from 1.26x to 1.18x (``benchmarks/
+branch_variants.py --paired``, BENCHMARKS.md "Session 8").
 
 Fanouts are learned, not named: a widened layer called right after another on the very same tensor (same object,
 same version) is linked to it, and at the first layer's next call the chain becomes a fanout. The first layer then
 computes every member's output; the others return theirs (views of one GEMM's output) when they are called on that
 tensor. When the calls stop following that pattern (another input, another order, a member no longer running the
 branch) the fanout dissolves: each layer gets its own storage back and runs alone (after two such misses a layer
-stops linking).
+stops linking). A layer that links to nothing for LONELY forwards stops noting (until the next switch).
 
-Memory: the block-diagonal up factors (``sum(rank) x sum(out)``, ~270 MB for SDXL at rank 128 in fp16) on top of
-what :mod:`lorakit.wide` takes. Every member's weight is a view of one matrix: ``state_dict()`` holds disjoint views
-of one storage, which safetensors saves as separate tensors. Inputs made under ``torch.inference_mode()`` carry no
-version counter, so an in-place change between two calls could not be seen: on those the members run the plain
-branch (diffusers pipelines run under ``no_grad``, where fanouts run).
+Memory: the block-diagonal up factors (``sum(rank) x sum(out)``: 264 MiB for an SDXL UNet at rank 128 in fp16,
+from its shapes) on top of what :mod:`lorakit.wide` takes. Every member's weight is a view of one matrix:
+``state_dict()`` holds disjoint views of one storage, which safetensors saves as separate tensors. Inputs made under
+``torch.inference_mode()`` carry no version counter, so an in-place change between two calls could not be seen: on
+those the members run the plain branch (diffusers pipelines run under ``no_grad``, where fanouts run). The first
+forward after a load runs each layer alone and the fanouts form at the second, so the two can differ in the last bits.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ An eager diffusers denoiser on a fast GPU is bound by host time (an SDXL UNet at
 as ``linear, shrink, scale, expand`` took an SDXL step with 4 adapters to 1.50-1.75x base; one GEMM against the
 weight widened by the scaled down factors, ``[W; s*A]`` (and the bias by zeros), yields the output and the branch's
 hidden at once, and one ``addmm_`` adds the expand into the output's columns: 1.29-1.38x, the same two kernels
-written by hand 1.26-1.30x (``benchmarks/branch_variants.py``). Layers on :data:`DEVICES` only.
+written by hand 1.26-1.30x (``benchmarks/branch_variants.py``). Layers on :data:`DEVICES` only. Layers that read one
+input run as a :mod:`lorakit.fanout` instead (the same two kernels for all of them).
 
 :class:`WideLinear` re-homes the module's weight (and bias) as the first rows of that wider matrix: the parameter
 keeps its identity and its values (every write to it lands in the matrix), only its storage moves. The other rows
