@@ -7,6 +7,7 @@ import torch
 
 import lorakit
 from helpers import assert_close, family, lora_state_dict, outputs, pair, write
+from lorakit import hotswap as swapping
 from lorakit.testing.loras import make_lora, to_state_dict
 
 
@@ -363,12 +364,17 @@ def test_denoiser_only_hotswap_copies_without_building_deltas(fmt, alpha, copied
     pipe.load_lora_weights(write(lora_state_dict(pipe, fam, 1, fmt, rank=8, alpha=4.0), tmp_path / "full.safetensors"),
                            adapter_name="slot")
     built = _built_by_swaps(monkeypatch)
+    runs = []  # the byte runs the copy took (None: a copy tensor by tensor)
+    real_runs = swapping.byte_runs
+    monkeypatch.setattr(swapping, "byte_runs", lambda *a: runs.append(real_runs(*a)) or runs[-1])
     for i in range(2):
         unet_only = write(lora_state_dict(pipe, fam, 2 + i, fmt, rank=8, text_encoders=False, alpha=alpha),
                           tmp_path / f"unet{i}.safetensors")
         built.clear()
         pipe.load_lora_weights(unet_only, adapter_name="slot", hotswap=True)
         assert bool(built) == (i == 0 and not copied), (i, built)
+        if i == 0 and copied:  # both files read in one piece: a few runs of bytes, not a copy per tensor
+            assert len(runs) == 1 and runs[0] is not None and 0 < len(runs[0][0]) < len(fam.text_encoders) + 3
         assert pipe.get_list_adapters() == {"unet": ["slot"]}
         assert all(torch.equal(p, base_te[name]) for name, p in pipe.text_encoder.named_parameters())
         fresh = fam.build()

@@ -237,6 +237,8 @@ class Adapter:
     #: (see hotswap.py)
     buffer: torch.Tensor | None = field(default=None, repr=False)
     table: tuple = field(default=(), repr=False)
+    #: key -> its byte range in ``buffer`` (io.BufferViews.span): a subset hotswap copies runs of bytes
+    spans: Any = field(default=None, repr=False, compare=False)
     alphas: tuple[float, ...] = ()
     #: (tensor, file key) for every tensor of the deltas when each is a file tensor used as it is: a hotswap from a
     #: state dict of the same layout copies straight into them

@@ -108,9 +108,8 @@ class BufferViews(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         made = self._made.get(key)
         if made is None:
-            dtype, shape, (start, end) = self.infos[key]
-            if self.moved is not None:
-                start, end = self.moved[key], self.moved[key] + end - start
+            dtype, shape = self.infos[key][:2]
+            start, end = self.span(key)
             if start % dtype.itemsize:  # misaligned for a view: copy this one tensor
                 made = self.buffer[start:end].clone().view(dtype).view(shape)
             else:
@@ -120,6 +119,13 @@ class BufferViews(Mapping[str, torch.Tensor]):
                 made = typed.as_strided(shape, _contiguous_strides(shape), typed.storage_offset() + start // dtype.itemsize)
             self._made[key] = made
         return made
+
+    def span(self, key: str) -> tuple[int, int]:
+        """The byte range of ``key``'s tensor in :attr:`buffer` (its relaid-out place, when the section moved)."""
+        start, end = self.infos[key].offsets
+        if self.moved is not None:
+            start, end = self.moved[key], self.moved[key] + end - start
+        return start, end
 
     def _typed_view(self, dtype: torch.dtype) -> torch.Tensor:
         typed = self._typed.get(dtype)

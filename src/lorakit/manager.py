@@ -132,7 +132,7 @@ class LoraManager:
         plan = self._load_plans.plan(source, self.states, scope=scope, prefix=prefix, strict=strict)
         tensors = source.load(self._load_device(plan))
         adapter = build_adapter(plan, name, self.states, tensors)
-        swapping.keep_buffer(adapter, source)
+        swapping.keep_buffer(adapter, source, tensors)
         self._apply_control(plan, tensors)
         if adapter.components:
             self._register(adapter)
@@ -217,9 +217,11 @@ class LoraManager:
         if intact and swapping.can_copy_tensors(old, plan.layout, tensors, alphas):
             swapping.copy_tensors(old, tensors, list(self.states.values()))  # same keys, shapes, dtypes: copy each
             return self._swapped(old, source.name, source.metadata)
-        copyable = swapping.copyable_subset(old, plan, tensors, by_key)
+        copyable = swapping.copyable_subset(old, plan, source.infos, by_key)
         if copyable is not None:  # fewer components, the same keys there: copied in place, no deltas built
-            dst, src, left = copyable
+            dst, keys, same, left = copyable
+            runs = swapping.byte_runs(old, dst, keys, same, tensors)  # (runs of bytes between the two read buffers)
+            dst, src = runs if runs is not None else (dst, [tensors[key] for key in keys])
             swapping.copy_into(old, dst, src, list(self.states.values()))
             self._leave_all(old, left)
             old.format, old.layout, old.alphas = plan.parsed.format, plan.layout, alphas
@@ -252,7 +254,7 @@ class LoraManager:
                 state.adapters.append(adapter_name)
                 state.active.append(adapter_name)
             state.rules[adapter_name] = ScaleRule()  # as diffusers+PEFT: the swapped-in LoRA starts at weight 1.0
-        swapping.keep_buffer(new, source)
+        swapping.keep_buffer(new, source, tensors)
         self.adapters[adapter_name] = new
         for state in self.states.values():
             if adapter_name in state.adapters and state.name not in new.layers:
