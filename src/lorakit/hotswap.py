@@ -175,7 +175,9 @@ def copyable_subset(old: Adapter, plan: LoadPlan, infos: Mapping[str, TensorInfo
                 return None
             mine.append(t)
             keys.append(key)
-        if {id(t) for t in delta.leaves()} != {id(t) for t in mine}:  # the same fields, read from the same keys
+        leaves = delta.leaves()  # the same fields, read from the same keys (in order, or in any order)
+        if not (len(leaves) == len(mine) and all(a is b for a, b in zip(leaves, mine))) and \
+                {id(t) for t in leaves} != {id(t) for t in mine}:
             return None
         dst += mine
         reached.setdefault(m.component, set()).add(m.path)
@@ -197,17 +199,16 @@ def byte_runs(old: Adapter, dst: list[torch.Tensor], keys: list[str], same: list
     source = getattr(tensors, "buffer", None)
     if buffer is None or spans is None or span is None or source is None or buffer.device != source.device:
         return None
-    base, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    base = buffer.data_ptr()
     pieces = []  # (dst start, size, src start), in the old buffer's order: files of one run list keys alike
-    for t, key in zip(dst, keys):
-        start = t.data_ptr() - base
-        size = t.numel() * t.element_size()
-        if not (t.is_contiguous() and 0 <= start and base + start + size <= end):
+    for key in keys:  # (dst: each tensor is the view of its key's span in old's buffer, as keep_buffer found)
+        (a, b), (c, d) = spans(key), span(key)
+        if b - a != d - c:
             return None
-        s_start, s_end = span(key)
-        if s_end - s_start != size:
+        pieces.append((a, b - a, c))
+    for t, (start, size, _) in ((dst[0], pieces[0]), (dst[-1], pieces[-1])) if dst else ():  # (spot checks)
+        if t.data_ptr() - base != start or t.numel() * t.element_size() != size:
             return None
-        pieces.append((start, size, s_start))
     for key in same:
         try:
             (a, b), (c, d) = spans(key), span(key)
