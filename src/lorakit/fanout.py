@@ -42,7 +42,7 @@ ENABLED: bool = os.environ.get("LORAKIT_FANOUT", "1") != "0"
 FRESH, STALE, MOVED = 0, 1, 2  # what Fanout.state() finds
 LONELY = 3  # forwards in a row a layer is noted without any link before it stops (a switch resets it)
 STRIKES = 2  # dissolutions after which a layer stops linking (its callers' pattern keeps changing)
-LONGEST = 8
+LONGEST = 8  # layers in one chain at most (a longer one is cut)
 
 # Weak references to the widened layer called last and to its input, and the input's version.
 _last: list = [None, None, -1]
