@@ -18,6 +18,7 @@ import lorakit
 from helpers import assert_close, family, lora_state_dict, outputs, pair
 from lorakit import fanout, wide
 from lorakit.testing.loras import make_lora, to_state_dict
+from test_wide import _storage_is_own
 
 WEIGHTS = [0.7, -0.4]
 QKV = ("to_q", "to_k", "to_v")
@@ -56,6 +57,15 @@ def make(dtype=torch.float32, b_targets=QKV):
         pipe.load_lora_weights(to_state_dict(made, "peft", "transformer"), adapter_name=name)
     pipe.set_adapters(["a", "b"], WEIGHTS)
     return pipe, model
+
+
+def formed(dtype=torch.float32, b_targets=QKV):
+    """:func:`make`, then two forwards on one input: the first learns the fanouts, the second forms them."""
+    pipe, model = make(dtype, b_targets)
+    x = x_in(dtype)
+    model(x)
+    model(x)
+    return pipe, model, x
 
 
 def reference(model, x, weights, ctx=None, b_targets=QKV):
@@ -131,10 +141,7 @@ def test_projections_of_one_input_run_as_one_gemm_and_one_addmm():
 def test_follows_weights_sets_hotswaps_and_fuse():
     from lorakit import hotswap
 
-    pipe, model = make()
-    x = x_in()
-    model(x)
-    model(x)
+    pipe, model, x = formed()
     fan = layers(pipe)["to_q"].fanout
     pipe.set_adapters(["a", "b"], [0.2, 0.9])  # new multipliers
     check(model(x), reference(model, x, [0.2, 0.9]))
@@ -188,10 +195,7 @@ def test_another_input_or_order_dissolves_it_and_outputs_stay_right():
 
 @torch.no_grad()
 def test_a_member_without_a_branch_leaves_and_the_rest_fan_out_again():
-    pipe, model = make(b_targets=("to_q", "to_v"))
-    x = x_in()
-    model(x)
-    model(x)
+    pipe, model, x = formed(b_targets=("to_q", "to_v"))
     assert len(layers(pipe)["to_q"].fanout.members) == 3
     pipe.set_adapters("b", 0.8)  # k has no branch: it runs its own class, on the matrix's rows, then alone
     for _ in range(3):
@@ -218,16 +222,12 @@ def test_scale_zero_is_the_base_and_unload_restores_own_storage_bit_exactly(dtyp
     model(x)
     pipe.unload_lora_weights()
     for n, p in model.named_parameters():
-        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), n
-        assert torch.equal(p, before[n]), n
+        assert _storage_is_own(p) and torch.equal(p, before[n]), n
 
 
 @torch.no_grad()
 def test_state_dict_saves_with_safetensors(tmp_path):
-    pipe, model = make()
-    x = x_in()
-    model(x)
-    model(x)
+    pipe, model, x = formed()
     assert _shares_one_storage(model, QKV)
     sd = model.state_dict()
     save_file(sd, str(tmp_path / "m.safetensors"))  # disjoint views of one storage: saved as separate tensors
@@ -242,10 +242,7 @@ def test_state_dict_saves_with_safetensors(tmp_path):
 
 @torch.no_grad()
 def test_inference_mode_runs_the_layers_on_their_own():
-    pipe, model = make()
-    x = x_in()
-    model(x)
-    model(x)
+    pipe, model, x = formed()
     with torch.inference_mode():
         xi = x_in()
         got = model(xi)
