@@ -25,10 +25,14 @@ outgrow the capacity or the module moves).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .layers import LayerState
 
 # Where layers take this path: on CUDA an eager step is bound by host time. On the CPU the arithmetic dominates: an
 # SD1.5 step ran as fast on the plain branch, and widening cost its first forward after a load 0.3 s (a copy of
@@ -134,7 +138,7 @@ class WideLinear:
         self.source = (down, scale, down._version, scale._version)
         self.idle = _all_zero(scale)
 
-    def run(self, layer, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def run(self, layer: LayerState, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Every forward's path once set up: :meth:`__call__` when the rows hold ``layer``'s branch as it is now
         (:meth:`fresh`, :meth:`homed` and ``LayerState.live`` inlined: this runs on ~700 layers per step), else
         None (the caller goes the slow way: :meth:`LayerState.wide_for`)."""
