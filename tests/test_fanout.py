@@ -279,3 +279,33 @@ def test_text_encoders_and_denoiser_match_diffusers_peft():
         fans = {id(ly.fanout): ly.fanout for ly in states[component].layers.values() if ly.fanout is not None}
         kinds = {tuple(path[id(m)].rsplit(".", 1)[1] for m in f.members) for f in fans.values()}
         assert names in kinds, (component, kinds)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: where layers take the fast path by default")
+@torch.no_grad()
+def test_on_cuda_by_default_against_the_plain_branch_and_a_reference(monkeypatch):
+    """On CUDA (wide.DEVICES as shipped), fp16: fanouts form, follow a change of weights and of the adapter set
+    (rows and block-diagonal rewritten by multi-tensor operations on the device), and unload bit-exactly."""
+    monkeypatch.setattr(wide, "DEVICES", ("cuda",))
+    torch.manual_seed(0)
+    model = Attn().half().cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pipe = types.SimpleNamespace(transformer=model)
+    lorakit.attach(pipe, mode="branch")
+    for seed, name in ((1, "a"), (2, "b")):
+        made = make_lora(model, rank=2 + seed, seed=seed, targets=QKV, dtype=torch.float16, device="cuda")
+        pipe.load_lora_weights(to_state_dict(made, "peft", "transformer"), adapter_name=name)
+    x = x_in().half().cuda()
+    for weights in (WEIGHTS, [0.9, 0.2], [0.0, 0.6]):
+        pipe.set_adapters(["a", "b"], weights) if weights[0] else pipe.set_adapters("b", weights[1])
+        model(x)
+        got = model(x)
+        assert layers(pipe)["to_q"].fanout is not None
+        with torch.enable_grad():
+            plain = [o.detach() for o in model(x)]
+        check([g.cpu() for g in got], reference(model, x.cpu(), weights), atol=3e-3)
+        for g, p in zip(got, plain):
+            assert torch.allclose(g.float(), p.float(), atol=3e-3, rtol=0)
+    pipe.unload_lora_weights()
+    for n, p in model.named_parameters():
+        assert _storage_is_own(p) and torch.equal(p, before[n]), n
