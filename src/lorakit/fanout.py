@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .wide import _all_zero, _normal
+from .wide import _all_zero, _normal, write_scaled
 
 if TYPE_CHECKING:
     from .layers import LayerState
@@ -148,14 +148,6 @@ class Fanout:
         for i, m in enumerate(members):
             m.fanout, m.fan_index = self, i
 
-    def homed(self) -> bool:
-        """Whether every member's parameters still live in the matrix (``.to()``/``.half()`` replace their data)."""
-        for _, p, wp, bp in self.checks:
-            b = p["bias"]
-            if p["weight"].data_ptr() != wp or (0 if b is None else b.data_ptr()) != bp:
-                return False
-        return True
-
     def run(self, layer: LayerState, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output on ``x``: the first member computes every member's, the others take theirs. None
         where the plain branch runs instead (the fanout dissolved, or every multiplier is 0). (Host time: this runs
@@ -210,7 +202,7 @@ class Fanout:
     def state(self) -> int:
         """MOVED when a member's parameters left the matrix (``.to()``/``.half()`` replace their data), STALE
         when a member's branch, multipliers or up factors changed (identity or values) since the rows and the
-        block-diagonal were written, else FRESH. Every forward's check, :meth:`homed` and the members'
+        block-diagonal were written, else FRESH. Every forward's check: the parameters' places and the members'
         :meth:`LayerState.live` inlined in one loop."""
         stale = False
         for (m, p, wp, bp), src in zip(self.checks, self.sources):
@@ -294,8 +286,7 @@ def rewrite(fans: list[Fanout]) -> bool:
             fan.dissolve()
             fitted = False
     if rows:
-        torch._foreach_copy_(rows, downs)
-        torch._foreach_mul_(rows, scales)
+        write_scaled(rows, downs, scales)
     if blocks:
         torch._foreach_copy_(blocks, ups)
     return fitted

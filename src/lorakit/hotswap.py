@@ -18,7 +18,7 @@ import torch
 
 from . import batched
 from .adapter import Adapter, LoraWeights, WeightDelta
-from .io import LoraSource, TensorInfo
+from .io import LoraSource, TensorInfo, merge_runs
 from .loading import LoadPlan
 from .state import ComponentState
 
@@ -147,8 +147,8 @@ def copyable_subset(old: Adapter, plan: LoadPlan, infos: Mapping[str, TensorInfo
     """For a source that reaches only some of the components ``old`` reaches, every module there read by the same
     keys, shapes, dtypes and alpha as the file ``old`` was built from (a denoiser-only checkpoint of a run that also
     trained the text encoders, in the same format): ``(old's tensors, the source's keys to copy into them, its alpha
-    keys (equal to the old file's), the components it leaves)``, worked out from the load plan and the source's header (``infos``) without building the
-    source's deltas or a view of its tensors; else None."""
+    keys (equal to the old file's), the components it leaves)``, worked out from the load plan and the source's
+    header (``infos``) without building the source's deltas or a view of its tensors; else None."""
     if not old.origins:
         return None
     held = {key: t for t, key in old.origins}
@@ -200,14 +200,14 @@ def byte_runs(old: Adapter, dst: list[torch.Tensor], keys: list[str], same: list
     if buffer is None or spans is None or span is None or source is None or buffer.device != source.device:
         return None
     base = buffer.data_ptr()
-    pieces = []  # (dst start, size, src start), in the old buffer's order: files of one run list keys alike
+    pieces = []  # (dst start, dst end, src start); merged in the old buffer's order (files of one run list keys alike)
     for key in keys:  # (dst: each tensor is the view of its key's span in old's buffer, as keep_buffer found)
         (a, b), (c, d) = spans(key), span(key)
         if b - a != d - c:
             return None
-        pieces.append((a, b - a, c))
-    for t, (start, size, _) in ((dst[0], pieces[0]), (dst[-1], pieces[-1])) if dst else ():  # (spot checks)
-        if t.data_ptr() - base != start or t.numel() * t.element_size() != size:
+        pieces.append((a, b, c))
+    for t, (start, end, _) in ((dst[0], pieces[0]), (dst[-1], pieces[-1])) if dst else ():  # (spot checks)
+        if t.data_ptr() - base != start or t.numel() * t.element_size() != end - start:
             return None
     for key in same:
         try:
@@ -215,14 +215,8 @@ def byte_runs(old: Adapter, dst: list[torch.Tensor], keys: list[str], same: list
         except KeyError:  # (an alpha from metadata, in neither file's tensors)
             continue
         if b - a == d - c:
-            pieces.append((a, b - a, c))
-    pieces.sort()
-    runs: list[list[int]] = []  # [dst start, dst end, src start]
-    for start, size, s_start in pieces:
-        if runs and runs[-1][1] == start and runs[-1][2] + (start - runs[-1][0]) == s_start:
-            runs[-1][1] = start + size
-        else:
-            runs.append([start, start + size, s_start])
+            pieces.append((a, b, c))
+    runs = merge_runs(pieces)
     return ([buffer[a:b] for a, b, _ in runs], [source[c:c + b - a] for a, b, c in runs])
 
 

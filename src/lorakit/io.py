@@ -17,7 +17,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -71,18 +71,24 @@ def aligned_layout(infos: Mapping[str, TensorInfo]) -> dict[str, int] | None:
     return moved
 
 
+def merge_runs(pieces: Iterable[tuple[int, int, int]]) -> list[list[int]]:
+    """Byte ranges ``(start, end, other start)`` that map one buffer onto another, sorted and joined where both
+    sides continue each other: ``[start, end, other start]`` per run (one copy each)."""
+    runs: list[list[int]] = []
+    for start, end, other in sorted(pieces):
+        if runs and runs[-1][1] == start and other - runs[-1][2] == start - runs[-1][0]:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, other])
+    return runs
+
+
 def relayout(buffer: torch.Tensor, infos: Mapping[str, TensorInfo], moved: Mapping[str, int]) -> torch.Tensor:
     """``buffer`` (a data section) copied to the offsets of :func:`aligned_layout`: one multi-tensor copy of its
     runs of contiguous tensors."""
     size = max(moved[key] + info.offsets[1] - info.offsets[0] for key, info in infos.items() if info.offsets)
     out = torch.empty(-(-size // ALIGN_BYTES) * ALIGN_BYTES, dtype=torch.uint8, device=buffer.device)
-    runs: list[list[int]] = []  # [old start, old end, new start]
-    for key, info in sorted(((k, i) for k, i in infos.items() if i.offsets), key=lambda item: item[1].offsets[0]):
-        start, end = info.offsets
-        if runs and runs[-1][1] == start and moved[key] - runs[-1][2] == start - runs[-1][0]:
-            runs[-1][1] = end
-        else:
-            runs.append([start, end, moved[key]])
+    runs = merge_runs((i.offsets[0], i.offsets[1], moved[k]) for k, i in infos.items() if i.offsets)
     torch._foreach_copy_([out[new:new + end - start] for start, end, new in runs],
                          [buffer[start:end] for start, end, _ in runs])
     return out

@@ -173,6 +173,13 @@ class WideLinear:
                     p.data = p.data.clone()
 
 
+def write_scaled(rows: list[torch.Tensor], downs: list[torch.Tensor], columns: list[torch.Tensor]) -> None:
+    """``rows[i] = downs[i] * columns[i]`` (a per-rank multiplier column) for all of them in two multi-tensor
+    operations: what a switch rewrites under widened weights (here and in :mod:`lorakit.fanout`)."""
+    torch._foreach_copy_(rows, downs)
+    torch._foreach_mul_(rows, columns)
+
+
 @torch.no_grad()
 def rewrite(items: list[tuple[WideLinear, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
     """Rewrite many matrices' rows for their branches at once: two multi-tensor operations instead of a few kernels
@@ -183,7 +190,6 @@ def rewrite(items: list[tuple[WideLinear, tuple[torch.Tensor, torch.Tensor], tor
     rows = [wide._views(branch[0].shape[0])[0] for wide, branch, _ in items]
     columns: dict[int, torch.Tensor] = {}  # (layers of a group share their scale vector: one column view each)
     scales = [columns.setdefault(id(scale), scale[:, None]) for _, _, scale in items]
-    torch._foreach_copy_(rows, [branch[0] for _, branch, _ in items])
-    torch._foreach_mul_(rows, scales)
+    write_scaled(rows, [branch[0] for _, branch, _ in items], scales)
     for wide, branch, scale in items:
         wide.point(branch, scale)
