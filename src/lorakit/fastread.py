@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import hostmem
+
 PIECE_BYTES = 32 * 1024 * 1024  # one pinned slot; a piece is read by up to THREADS threads at once
 RING_SLOTS = 2
 THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -110,7 +112,7 @@ def read_to_device(path: str | os.PathLike, start: int, length: int, device: tor
     Example:
         >>> data = read_to_device("lora.safetensors", 8 + header_len, n, torch.device("cuda"))  # doctest: +SKIP
     """
-    out = torch.empty(length, dtype=torch.uint8, device=device)
+    out = hostmem.empty(length) if device.type == "cpu" else torch.empty(length, dtype=torch.uint8, device=device)
     with _lock, open(path, "rb", buffering=0) as fh:
         fd, pool = fh.fileno(), _readers()
         if device.type != "cuda":

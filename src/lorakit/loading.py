@@ -50,7 +50,7 @@ class PlannedModule:
 
 @dataclass
 class LoadPlan:
-    source: LoraSource
+    source: LoraSource | None  # None only in PlanCache's kept copies (they must not hold a file's tensors)
     parsed: ParsedKeys
     modules: list[PlannedModule] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
@@ -207,7 +207,9 @@ class PlanCache:
         plan = plan_load(source, states, scope=scope, prefix=prefix, strict=strict)
         plan.layout = key
         if not (plan.unmatched or plan.parsed.unused or plan.parsed.embeddings):
-            self._plans[key] = (plan, indexes)  # the indexes are kept alive so their ids stay theirs
+            # kept without its source: the file's tensors (its whole data section) must die with the adapter.
+            # The indexes are kept alive so that their ids stay theirs.
+            self._plans[key] = (dataclasses.replace(plan, source=None), indexes)
             while len(self._plans) > self.size:
                 self._plans.pop(next(iter(self._plans)))
         return plan

@@ -34,11 +34,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import hostmem
 from .adapter import WeightDelta
 from .layers import LayerState
 
 _EPOCHS = itertools.count(1)  # global: a layer moved to a new group never mistakes that group's span for its own
 Entry = tuple[str, WeightDelta]
+
+
+def _new(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` uninitialised rows shaped as ``like``'s; on the CPU from recycled memory (see :mod:`lorakit.hostmem`)."""
+    if like.device.type == "cpu":
+        return hostmem.empty_typed((rows, like.shape[1]), like.dtype)
+    return like.new_empty(rows, like.shape[1])
 
 
 def poolable(delta: WeightDelta) -> bool:
@@ -92,8 +100,7 @@ class Pool:
             self.write(len(self.entries) - 1)
 
     def _grow(self, capacity: int) -> None:
-        down = self.down.new_empty(capacity, self.down.shape[1])
-        up_t = self.up_t.new_empty(capacity, self.up_t.shape[1])
+        down, up_t = _new(self.down, capacity), _new(self.up_t, capacity)
         down[:self.used].copy_(self.down[:self.used])
         up_t[:self.used].copy_(self.up_t[:self.used])
         self.down, self.up_t = down, up_t
