@@ -382,3 +382,5 @@ def test_denoiser_only_hotswap_copies_without_building_deltas(fmt, alpha, copied
         fresh.load_lora_weights(unet_only, adapter_name="slot")
         assert_close(outputs(pipe, fam), outputs(fresh, fam), atol=1e-6)
     assert manager.adapters["slot"].components == ["unet"]
+    kept, rebuilt = manager.adapters["slot"].swap_index, swapping.SwapIndex(manager.adapters["slot"])
+    assert (kept.ids, kept.paths, kept.modules) == (rebuilt.ids, rebuilt.paths, rebuilt.modules)  # it left the TE

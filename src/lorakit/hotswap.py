@@ -236,10 +236,12 @@ class SwapIndex:
     next one finds the same. Kept on the adapter (``Adapter.swap_index``) while it holds the same modules."""
 
     def __init__(self, adapter: Adapter):
-        nested = [d for modules in adapter.layers.values() for top in modules.values() for d in _nested(top)]
+        nested = {c: [d for top in m.values() for d in _nested(top)] for c, m in adapter.layers.items() if m}
         self.modules = adapter.num_modules()  # a delete from a component makes the index stale
-        self.ids = frozenset(map(id, nested))
+        self.by_component = {c: frozenset(map(id, ds)) for c, ds in nested.items()}
+        self.ids = frozenset().union(*self.by_component.values())
         self.paths = {c: list(m) for c, m in adapter.layers.items() if m}
+        nested = [d for ds in nested.values() for d in ds]
         self.derived: list[WeightDelta] = []  # cached low-rank form computed from the fields: dropped at every swap
         self.unseen = nested  # no cached form yet: looked at when it has one (once per delta)
 
@@ -249,6 +251,16 @@ class SwapIndex:
         if index is None or index.modules != adapter.num_modules():
             index = adapter.swap_index = cls(adapter)
         return index
+
+    def keep_components(self, adapter: Adapter) -> None:
+        """Follow ``adapter`` out of the components it left (a subset hotswap): their deltas leave the index, which
+        stays settled."""
+        for comp in [c for c in self.paths if not adapter.layers.get(c)]:
+            del self.paths[comp]
+            self.ids = self.ids - self.by_component.pop(comp)
+        self.derived = [d for d in self.derived if id(d) in self.ids]
+        self.unseen = [d for d in self.unseen if id(d) in self.ids]
+        self.modules = adapter.num_modules()
 
     def settle(self) -> None:
         """Sort the deltas that have built their cached low-rank form since the last look: views of their fields, or

@@ -222,8 +222,8 @@ class LoraManager:
             dst, keys, same, left = copyable
             runs = swapping.byte_runs(old, dst, keys, same, tensors)  # (runs of bytes between the two read buffers)
             dst, src = runs if runs is not None else (dst, [tensors[key] for key in keys])
+            self._leave_all(old, left)  # (first: the refresh after the copy then covers only what stays)
             swapping.copy_into(old, dst, src, list(self.states.values()))
-            self._leave_all(old, left)
             old.format, old.layout, old.alphas = plan.parsed.format, plan.layout, alphas
             return self._swapped(old, source.name, source.metadata)
         new = build_adapter(plan, adapter_name, self.states, tensors)
@@ -268,10 +268,12 @@ class LoraManager:
     def _leave_all(self, adapter: Adapter, components: list[str]) -> None:
         """A hotswapped adapter leaves the components its new file does not reach; it keeps the file keys of the
         tensors it still holds (for the next tensor-copy swap)."""
+        gone = {id(t) for comp in components for d in adapter.layers.get(comp, {}).values() for t in d.leaves()}
         for comp in components:
             self._leave(adapter.name, self.states[comp])
-        kept = {id(t) for modules in adapter.layers.values() for d in modules.values() for t in d.leaves()}
-        adapter.origins = [(t, key) for t, key in adapter.origins if id(t) in kept]
+        adapter.origins = [(t, key) for t, key in adapter.origins if id(t) not in gone]
+        if adapter.swap_index is not None:
+            adapter.swap_index.keep_components(adapter)
 
     def _leave(self, name: str, state: ComponentState) -> None:
         """A hotswap's adapter leaves a component its new file does not reach (as a new structure would: no other
