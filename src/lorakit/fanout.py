@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .wide import _all_zero, _normal, write_scaled
+from .wide import _all_zero, _changes, _normal, write_scaled
 
 if TYPE_CHECKING:
     from .layers import LayerState
@@ -140,6 +140,7 @@ class Fanout:
         self.used = self.used_bias = self.up = None
         self.sizes = (total, 0)
         self.idle = False
+        self.stamp = -1  # the count of wide.changed() at which state() last found the branches as the rows hold them
         # one round: the input the first member ran on, its version, the others' outputs not yet taken
         self.x: torch.Tensor | None = None
         self.version = -1
@@ -202,15 +203,20 @@ class Fanout:
     def state(self) -> int:
         """MOVED when a member's parameters left the matrix (``.to()``/``.half()`` replace their data), STALE
         when a member's branch, multipliers or up factors changed (identity or values) since the rows and the
-        block-diagonal were written, else FRESH. Every forward's check: the parameters' places and the members'
-        :meth:`LayerState.live` inlined in one loop."""
-        stale = False
-        for (m, p, wp, bp), src in zip(self.checks, self.sources):
+        block-diagonal were written, else FRESH. Every forward's check: the parameters' places, then (only when
+        lorakit :func:`lorakit.wide.changed` something since the last look) the members' :meth:`LayerState.live` inlined in one
+        loop."""
+        for _, p, wp, bp in self.checks:
             b = p["bias"]
             if p["weight"].data_ptr() != wp or (0 if b is None else b.data_ptr()) != bp:
                 return MOVED
+        stamp = _changes[0]
+        if self.stamp == stamp:
+            return FRESH
+        stale = False
+        for (m, _, _, _), src in zip(self.checks, self.sources):
             if stale:
-                continue
+                break
             group = m.group
             branch, scale = m.branch, m.branch_scale
             if branch is None or not src or (group is not None and m._epoch != group.epoch):
@@ -219,7 +225,10 @@ class Fanout:
             down, up = branch
             stale = not (src[0] is down and src[1] is scale and src[2] is up and src[3] == down._version
                          and src[4] == scale._version and src[5] == up._version)
-        return STALE if stale else FRESH
+        if stale:
+            return STALE
+        self.stamp = stamp
+        return FRESH
 
     def layout(self, states: list, rows: list, downs: list, scales: list, blocks: list, ups: list) -> bool:
         """Queue what must be rewritten for these (branch, scale) per member: the rows of members whose factors or

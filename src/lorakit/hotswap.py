@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from . import batched
+from .wide import changed
 from .adapter import Adapter, LoraWeights, WeightDelta
 from .io import LoraSource, TensorInfo, merge_runs
 from .loading import LoadPlan
@@ -289,6 +290,7 @@ def refresh(adapter: Adapter, states: list[ComponentState]) -> None:
     cached low-rank forms and stacked factors are recomputed in place, its layers are marked stale (the next sync
     re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch stacks hold
     the old values)."""
+    changed()  # (a branch may run on the deltas' own tensors, written in place)
     index = SwapIndex.of(adapter)
     index.drop_derived()
     batched.refresh(index.ids)

@@ -183,6 +183,7 @@ class LayerState:
         run on views of the layer's factor pool instead: :meth:`join`.)"""
         if not contributions and not self._running:
             return  # the merge path's common case: nothing to run, nothing to remove
+        _wide.changed()
         structure = (tuple(id(d) for d, _ in contributions), self.weight.device, self.weight.dtype)
         if not contributions:
             self.branch, self.branch_scale, self.branch_applied = None, None, structure
@@ -209,6 +210,7 @@ class LayerState:
     def restack_branch(self) -> None:
         """Recompute the stacked branch factors in place from the deltas they came from (whose values changed: a
         hotswap); a compiled graph that reads them sees the new values."""
+        _wide.changed()
         by_id = {id(d): d for d in self.deltas.values()}
         pairs = [by_id[i].low_rank() for i in self.branch_applied[0]]
         a, b = self.branch
@@ -217,12 +219,14 @@ class LayerState:
 
     def attach_branch(self, branch: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, structure: tuple) -> None:
         """Run a branch set up earlier (by :meth:`set_branch`) again, as it was: a switch back to an adapter set."""
+        _wide.changed()
         self.branch, self.branch_scale, self.branch_applied = branch, scale, structure
         self._run(True)
         self._set_widenable()
 
     def join(self, group: Group) -> None:
         """Run on ``group``'s span of this layer's pool (see :mod:`lorakit.pool`), picked up at the next forward."""
+        _wide.changed()
         self.group, self._epoch = group, 0
         self.branch, self.branch_scale, self.branch_applied = None, None, ()
         self._run(True)
@@ -400,6 +404,7 @@ class LayerState:
 
     def drop(self) -> None:
         """Forget the branch, the backup and the adapters, leaving the weight as it is now."""
+        _wide.changed()
         self.group = self.pool = None
         if self.branch is not None or self._running:
             self.set_branch([])

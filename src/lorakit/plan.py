@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from . import batched
+from .wide import changed
 from .adapter import WeightDelta
 from .layers import Contribution, LayerState, _signature
 
@@ -320,6 +321,8 @@ class SwitchPlan:
                 layer.set_branch(_contributions(slots, values, row))
         for buf in self.branches:
             buf.buffer.copy_(buf.static * table[buf.rows, buf.cols])
+        if self.branches:
+            changed()  # (the branches' multipliers, in place)
         self.fresh = False
 
     def invalidate(self, swapped: frozenset[int]) -> None:
@@ -610,6 +613,7 @@ def _layout_branches(plan: SwitchPlan, layers: list[tuple[int, LayerState, list[
             buffer[offset:offset + n].copy_(layer.branch_scale)
             layer.branch_scale = buffer[offset:offset + n]
             offset += n
+        changed()
         plan.branches.append(_BranchBuffer(buffer, torch.tensor(rows), torch.tensor(cols),
                                            torch.tensor(static, dtype=torch.float64)))
         plan.branch_state += [(layer, layer.branch, layer.branch_scale, layer.branch_applied) for _, layer, _ in members]

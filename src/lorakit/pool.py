@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import hostmem
+from .wide import changed
 from .adapter import WeightDelta
 from .layers import LayerState
 
@@ -100,6 +101,7 @@ class Pool:
             self.write(len(self.entries) - 1)
 
     def _grow(self, capacity: int) -> None:
+        changed()
         down, up_t = _new(self.down, capacity), _new(self.up_t, capacity)
         down[:self.used].copy_(self.down[:self.used])
         up_t[:self.used].copy_(self.up_t[:self.used])
@@ -108,6 +110,7 @@ class Pool:
     @torch.no_grad()
     def write(self, i: int) -> None:
         """Copy entry ``i``'s factors into its ranks, in place (a compiled graph reading views sees the values)."""
+        changed()
         up, down = self.entries[i][1].low_rank()
         start = self.offsets[i]
         stop = start + down.shape[0]
@@ -167,6 +170,7 @@ class Group:
 
     @torch.no_grad()
     def set(self, start: int, stop: int, values: list[float]) -> None:
+        changed()
         if (start, stop) == (self.start, self.stop):
             if self.scale is not None:  # in place: compiled graphs read this tensor
                 self.scale.copy_(torch.tensor(values, dtype=self.dtype))
@@ -228,6 +232,7 @@ class Pools:
 
 def leave(layers: Iterable[LayerState]) -> None:
     """Stop running layers on their groups (a switch plan takes over, or the mode changed)."""
+    changed()
     for layer in layers:
         if layer.group is not None:
             layer.group = None

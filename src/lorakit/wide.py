@@ -52,6 +52,19 @@ def _all_zero(scale: torch.Tensor) -> bool:
     return seen[1]
 
 
+# How many times lorakit wrote something a running branch reads (see changed()). A widened layer or a fanout that
+# found its branch as its rows hold it at this count checks only its parameters' places until the count moves.
+_changes = [0]
+
+
+def changed() -> None:
+    """lorakit wrote something a running branch reads (factors, multipliers, a span) or gave a layer another
+    branch: widened layers and fanouts check their branches again at their next forward. Every such write in lorakit
+    calls this (lorakit.layers, lorakit.pool, lorakit.plan, lorakit.hotswap); version counters alone would cost a
+    few attribute reads per layer and forward (~700 layers per SDXL step, bound by host time)."""
+    _changes[0] += 1
+
+
 # The matrix, its views and the parameters' new storage are made outside inference mode even when the first forward
 # runs inside it: inference tensors would turn the parameters into ones that no later in-place write (a fuse, a merge,
 # an unload) or autograd may touch.
@@ -83,6 +96,7 @@ class WideLinear:
         self.used = self.used_bias = self.up = None
         self.sizes = (out, 0)
         self.idle = False  # every multiplier 0 (a call-time scale of 0): the plain layer runs, bit for bit the base
+        self.stamp = -1  # the count of changed() at which run() last found the branch as the rows hold it
         self._by_rank: dict[int, tuple] = {}
 
     def homed(self, module: nn.Module) -> bool:
@@ -141,18 +155,24 @@ class WideLinear:
     def run(self, layer: LayerState, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Every forward's path once set up: :meth:`__call__` when the rows hold ``layer``'s branch as it is now
         (:meth:`fresh`, :meth:`homed` and ``LayerState.live`` inlined: this runs on ~700 layers per step), else
-        None (the caller goes the slow way: :meth:`LayerState.wide_for`)."""
-        group = layer.group
-        branch = layer.branch
-        if branch is None or self.idle or x.dtype != self.dtype or (group is not None and layer._epoch != group.epoch):
-            return None
-        down, scale, src = branch[0], layer.branch_scale, self.source
-        if not (src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version):
+        None (the caller goes the slow way: :meth:`LayerState.wide_for`). The branch is looked at only when lorakit
+        :func:`changed` something since the last look."""
+        if self.idle or x.dtype != self.dtype:
             return None
         p = module._parameters
         b = p["bias"]
         if p["weight"].data_ptr() != self.ptrs[0] or (0 if b is None else b.data_ptr()) != self.ptrs[1]:
             return None
+        stamp = _changes[0]
+        if self.stamp != stamp:
+            group = layer.group
+            branch = layer.branch
+            if branch is None or (group is not None and layer._epoch != group.epoch):
+                return None
+            down, scale, src = branch[0], layer.branch_scale, self.source
+            if not (src[0] is down and src[1] is scale and src[2] == down._version and src[3] == scale._version):
+                return None
+            self.stamp = stamp
         y, hidden = F.linear(x, self.used, self.used_bias).split_with_sizes(self.sizes, -1)
         y.view(-1, self.out).addmm_(hidden.view(-1, self.sizes[1]), self.up)
         return y
