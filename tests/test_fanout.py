@@ -309,3 +309,47 @@ def test_on_cuda_by_default_against_the_plain_branch_and_a_reference(monkeypatch
     pipe.unload_lora_weights()
     for n, p in model.named_parameters():
         assert _storage_is_own(p) and torch.equal(p, before[n]), n
+
+
+@torch.no_grad()
+def test_no_change_by_lorakit_leaves_a_stale_branch_running():
+    """The fast path reads a layer's branch only when lorakit's count of its own branch writes moved
+    (``wide.changed``): after every kind of change, in a seeded random order, the fanned and widened outputs equal
+    the plain branch's (grad enabled: no fast path) on the same state."""
+    import random
+
+    from lorakit import hotswap
+
+    pipe, model, x = formed(b_targets=("to_q", "to_v"))  # to_k without "b": mixed ranks, fanouts and wide layers
+    manager = pipe._lorakit_manager
+    files = {name: to_state_dict(make_lora(model, rank=2 + seed, seed=seed, targets=targets), "peft", "transformer")
+             for seed, name, targets in ((1, "a", QKV), (2, "b", ("to_q", "to_v")))}
+
+    def in_place(name):
+        for layer in manager.states["transformer"].layers.values():
+            if name in layer.deltas:
+                layer.deltas[name].up.mul_(-1.5)  # as a hotswap leaves the factors, then refreshes
+        hotswap.refresh(manager.adapters[name], [manager.states["transformer"]])
+
+    def reload(name):
+        pipe.delete_adapters(name)
+        pipe.load_lora_weights(dict(files[name]), adapter_name=name)
+        pipe.set_adapters(["a", "b"], WEIGHTS)
+
+    rng = random.Random(7)
+    ops = [lambda: pipe.set_adapters(["a", "b"], [rng.uniform(-1, 1), rng.uniform(-1, 1)]),
+           lambda: pipe.set_adapters(rng.choice("ab"), rng.uniform(-1, 1)),
+           lambda: pipe.set_adapters(["a", "b"], [0.0, 0.0]),
+           pipe.disable_lora, pipe.enable_lora,
+           lambda: in_place(rng.choice("ab")),
+           lambda: pipe.fuse_lora(adapter_names=["a"]), pipe.unfuse_lora,
+           lambda: reload(rng.choice("ab"))]
+    for step in range(40):
+        op = rng.choice(ops)
+        op()
+        for _ in range(2):  # (the second forward may form fanouts anew)
+            fast = model(x)
+            with torch.enable_grad():
+                plain = model(x)
+            for f, p in zip(fast, plain):
+                assert torch.allclose(f, p.detach(), atol=1e-5, rtol=0), (step, float((f - p).abs().max()))

@@ -290,7 +290,7 @@ def refresh(adapter: Adapter, states: list[ComponentState]) -> None:
     cached low-rank forms and stacked factors are recomputed in place, its layers are marked stale (the next sync
     re-merges them), and kept switch plans other than the current one are dropped (their runtime-branch stacks hold
     the old values)."""
-    changed()  # (a branch may run on the deltas' own tensors, written in place)
+    changed()  # (the pools and stacks rewritten below count too; this covers anything else a branch reads)
     index = SwapIndex.of(adapter)
     index.drop_derived()
     batched.refresh(index.ids)
