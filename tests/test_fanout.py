@@ -110,22 +110,27 @@ def _shares_one_storage(model, names) -> bool:
     return len(ptrs) == 1
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["named", "learned"])
 @torch.no_grad()
-def test_projections_of_one_input_run_as_one_gemm_and_one_addmm():
+def test_projections_of_one_input_run_as_one_gemm_and_one_addmm(named, monkeypatch):
+    """q/k/v named by CHAINS fan out from the first forward; without the table the first forward learns the chain
+    (each layer widened alone: 2 kernels each) and the second forms it."""
+    if not named:
+        monkeypatch.setattr(fanout, "CHAINS", ())
     pipe, model = make()
     params = dict(model.named_parameters())
     values = {n: p.detach().clone() for n, p in params.items()}
     x = x_in()
     with Gemms() as alone:
-        first = model(x)  # learns that k and v follow q on its input
-    assert layers(pipe)["to_q"].fanout is None
+        first = model(x)
+    assert (layers(pipe)["to_q"].fanout is not None) == named
     with Gemms() as forming:
-        model(x)  # q forms the fanout at its next call
+        model(x)  # learned: q forms the fanout at its next call
     fan = layers(pipe)["to_q"].fanout
     assert fan is not None and [m.module for m in fan.members] == [model.to_q, model.to_k, model.to_v]
     with Gemms() as fanned:
         got = model(x)
-    assert (alone.count, forming.count, fanned.count) == (6, 2, 2)  # each layer widened alone: 2 kernels each; the fanout: 2 in all
+    assert (alone.count, forming.count, fanned.count) == ((2 if named else 6), 2, 2)
     assert _shares_one_storage(model, QKV)
     want = reference(model, x, WEIGHTS)
     check(first, want)
@@ -279,6 +284,45 @@ def test_text_encoders_and_denoiser_match_diffusers_peft():
         fans = {id(ly.fanout): ly.fanout for ly in states[component].layers.values() if ly.fanout is not None}
         kinds = {tuple(path[id(m)].rsplit(".", 1)[1] for m in f.members) for f in fans.values()}
         assert names in kinds, (component, kinds)
+
+
+@torch.no_grad()
+def test_named_chains_fan_out_from_the_first_forward():
+    """Layers that CHAINS names (self-attention's to_q/k/v, cross-attention's to_k/v, CLIP's q/k/v_proj) form their
+    fanout at their first forward after a load: that forward launches what later ones do and gives the same bits, and
+    matches diffusers+PEFT. A chain the calls do not follow (here: to_k and to_v called on other tensors than to_q's)
+    dissolves and the layers run alone, with the right outputs."""
+    fam = family("sd15")
+    ref, ours = pair(fam, mode="branch")
+    for p in (ref, ours):
+        p.load_lora_weights(lora_state_dict(ours, fam, 1), adapter_name="a")
+    states = ours._lorakit_manager.states
+    first, second = outputs(ours, fam), outputs(ours, fam)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert_close(first, outputs(ref, fam))
+    for component, names in (("text_encoder", ("q_proj", "k_proj", "v_proj")), ("unet", QKV), ("unet", QKV[1:])):
+        path = {id(ly): p for p, ly in states[component].layers.items()}
+        kinds = {tuple(path[id(m)].rsplit(".", 1)[1] for m in ly.fanout.members)
+                 for ly in states[component].layers.values() if ly.fanout is not None}
+        assert names in kinds, (component, kinds)
+    # the self-attention chain of a model whose processor reads k and v from another tensor: the calls win
+    model = nn.Module()
+    model.attn = Attn()
+    model.attn.is_cross_attention = False
+    pipe = types.SimpleNamespace(transformer=model)
+    lorakit.attach(pipe, mode="branch")
+    made = make_lora(model, rank=3, seed=1, targets=QKV)
+    pipe.load_lora_weights(to_state_dict(made, "peft", "transformer"), adapter_name="a")
+    layer = pipe._lorakit_manager.states["transformer"].layers["attn.to_q"]
+    assert [m.module for m in layer.predicted] == [model.attn.to_k, model.attn.to_v]
+    x, ctx = x_in(), x_in(seed=6)
+    with torch.enable_grad():
+        want = [o.detach() for o in model.attn(x, ctx)]
+    for _ in range(3):
+        for g, w in zip(model.attn(x, ctx), want):
+            assert torch.allclose(g, w, atol=1e-6, rtol=0)
+    assert layer.fanout is None and layer.strikes >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: where layers take the fast path by default")

@@ -8,8 +8,11 @@ layers cost two kernels where the base model runs three. On an H200 an SDXL step
 of 722 layers) went from 1.32x to 1.25x base, the same kernels by hand from 1.26x to 1.18x (``benchmarks/
 branch_variants.py --paired``, BENCHMARKS.md "Session 8").
 
-Fanouts are learned, not named: a widened layer called right after another on the very same tensor (same object,
-same version) is linked to it, and at the first layer's next call the chain becomes a fanout. The first layer then
+Fanouts are named where a table of sibling layers knows them (:data:`CHAINS`: self-attention's q/k/v, cross-
+attention's k/v, CLIP's q/k/v_proj, Flux's context projections and single blocks): such a chain forms at its first
+forward after a load. Other chains are learned: a widened layer called right after another on the very same tensor
+(same object, same version) is linked to it, and at the first layer's next call the chain becomes a fanout. Named or
+learned, the calls must follow the chain. The first layer then
 computes every member's output; the others return theirs (views of one GEMM's output) when they are called on that
 tensor. When the calls stop following that pattern (another input, another order, a member no longer running the
 branch) the fanout dissolves: each layer gets its own storage back and runs alone (after two such misses a layer
@@ -19,18 +22,21 @@ Memory: the block-diagonal up factors (``sum(rank) x sum(out)``: 264 MiB for an 
 from its shapes) on top of what :mod:`lorakit.wide` takes. Every member's weight is a view of one matrix:
 ``state_dict()`` holds disjoint views of one storage, which safetensors saves as separate tensors. Inputs made under
 ``torch.inference_mode()`` carry no version counter, so an in-place change between two calls could not be seen: on
-those the members run the plain branch (diffusers pipelines run under ``no_grad``, where fanouts run). The first
-forward after a load runs each layer alone and the fanouts form at the second, so the two can differ in the last bits.
+those the members run the plain branch (diffusers pipelines run under ``no_grad``, where fanouts run). A learned
+chain runs its layers alone at the first forward after a load and as a fanout from the second, so the two can
+differ in the last bits; a named chain runs as a fanout from the first.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .wide import _all_zero, _changes, _normal, write_scaled
 
@@ -44,18 +50,57 @@ LONELY = 3  # forwards in a row a layer is noted without any link before it stop
 STRIKES = 2  # dissolutions after which a layer stops linking (its callers' pattern keeps changing)
 LONGEST = 8  # layers in one chain at most (a longer one is cut)
 
+# Children of one module that its forward calls one after another on one input, in call order (the first leads):
+# their fanout forms at their first forward instead of being learned from it (see predict()). "self" / "cross": only
+# where the module is not / is cross-attention (diffusers' ``Attention.is_cross_attention``; a module without the
+# flag counts as self-attention). Earlier rows win. A wrong guess costs one dissolved fanout, then the calls teach.
+CHAINS: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"), None),  # Flux single blocks: the MLP and the attention
+    (("to_q", "to_k", "to_v"), "self"),  # diffusers' self-attention (UNets, DiTs)
+    (("to_k", "to_v"), "cross"),  # cross-attention: k and v read the text states
+    (("add_q_proj", "add_k_proj", "add_v_proj"), None),  # joint attention's text stream (Flux, SD3)
+    (("q_proj", "k_proj", "v_proj"), None),  # CLIP's attention
+)
+
 # Weak references to the widened layer called last and to its input, and the input's version.
 _last: list = [None, None, -1]
 
 
+def predict(layers: Mapping[str, LayerState], modules: Mapping[str, nn.Module]) -> None:
+    """Give each layer that leads a chain of :data:`CHAINS` its followers (``predicted``), from the layers' paths
+    (``layers``: path -> layer; ``modules``: the model's named modules). Their fanout then forms at their first
+    forward, which gives what later forwards give; the calls still have to follow the chain (a follower called on
+    another tensor dissolves it, and the layers learn from the calls as without a prediction)."""
+    for layer in layers.values():
+        layer.predicted = None
+    taken: set[int] = set()
+    for names, kind in CHAINS:
+        first = names[0]
+        for path, layer in layers.items():
+            if not (path == first or path.endswith("." + first)):
+                continue
+            prefix = path[:len(path) - len(first)]  # "parent." (or "" at the top)
+            members = [layers.get(prefix + name) for name in names]
+            if any(m is None or id(m) in taken for m in members):
+                continue
+            if kind is not None:  # (attention classes without the flag, Flux's: self-attention)
+                cross = bool(getattr(modules.get(prefix[:-1]), "is_cross_attention", False))
+                if cross != (kind == "cross"):
+                    continue
+            layer.predicted = members[1:]
+            taken.update(map(id, members))
+
+
 def note(layer: LayerState, x: torch.Tensor) -> list[LayerState] | None:
     """Record that ``layer`` runs on ``x`` now. Returns the chain it leads (itself, then the layers that followed it
-    on its input last time) when there is one to form, else None."""
+    on its input last time, or those :func:`predict` named for it) when there is one to form, else None."""
     if x.is_inference():  # no version counter: an in-place change between two calls could not be seen
         _last[1] = None
         return None
     prev, ref, version = _last
     _last[0], _last[1], _last[2] = weakref.ref(layer), weakref.ref(x), x._version
+    if layer.next_same is None and layer.predicted is not None and not layer.strikes:
+        return [layer, *layer.predicted]  # (the calls confirm it: see Fanout.run)
     if layer.next_same is None:  # (a layer that leads a chain learned last time forms it, whatever came before)
         if ref is not None and ref() is x and version == x._version and (prev := prev()) is not layer:
             if prev is not None and prev.strikes < STRIKES:

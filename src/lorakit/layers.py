@@ -68,6 +68,7 @@ class LayerState:
     fanout: Fanout | None = None  # run with the layers that read the same input (lorakit.fanout), or None
     fan_index: int = 0  # this layer's place in its fanout (0: the one that computes all)
     next_same: LayerState | None = None  # the widened layer called right after this one on its input, last forward
+    predicted: list[LayerState] | None = None  # the layers that follow this one on its input, by name (fanout.predict)
     strikes: int = 0  # fanouts of this layer dissolved because calls stopped following their pattern
     lonely: int = 0  # forwards in a row in which no layer followed this one on its input nor it another (learning)
 
@@ -413,7 +414,7 @@ class LayerState:
         if self.wide is not None:
             self.wide.release(self.module)
             self.wide = None
-        self.next_same, self.strikes, self.lonely = None, 0, 0
+        self.next_same, self.predicted, self.strikes, self.lonely = None, None, 0, 0
         self.base = self.base_bias = None
         self.applied = ()
         self.deltas.clear()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from . import batched
+from . import batched, fanout
 from . import hotswap as swapping  # `hotswap` is also the diffusers keyword argument
 from .adapter import Adapter
 from .errors import AdapterError, FusingError, LoraError, preview
@@ -183,6 +183,8 @@ class LoraManager:
             # Plans of other adapter sets stay valid (their layers and deltas did not change) unless layers were added
             # (a plan covers every layer of the component): switching back to them after a load costs no layout.
             state.version += grew
+            if grew:
+                fanout.predict(state.layers, state.index.modules)
             state.sync()
 
     def _hotswap(self, source, adapter_name: str | None, scope, prefix, strict) -> str:
@@ -250,6 +252,7 @@ class LoraManager:
                 if layer is None:
                     layer = state.layers[path] = LayerState(state.index.modules[path], backup_device=self.backup_device)
                 layer.deltas[adapter_name] = delta
+            fanout.predict(state.layers, state.index.modules)
             if adapter_name not in state.adapters:  # a component the old adapter did not reach: active there too
                 state.adapters.append(adapter_name)
                 state.active.append(adapter_name)
@@ -537,7 +540,9 @@ class LoraManager:
         batched.write_many([(state.layers[p], []) for p in gone])  # exact restores, batched
         for path in gone:
             state.layers.pop(path).drop()
-        state.version += bool(gone)
+        if gone:
+            state.version += 1
+            fanout.predict(state.layers, state.index.modules)
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False,
                             components: Sequence[str] | None = None) -> None:
