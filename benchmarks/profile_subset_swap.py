@@ -57,10 +57,10 @@ for rep in range(6):
     torch.cuda.synchronize()
     if rep == 4:
         prof.enable()
-    kernels = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+    trace = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                  torch.profiler.ProfilerActivity.CUDA]) if rep == 5 else None
-    if kernels is not None:
-        kernels.__enter__()
+    if trace is not None:
+        trace.__enter__()
     t0 = time.perf_counter()
     phases.clear()
     pipe.load_lora_weights(str(unet_only[rep % 2]), adapter_name="hs", hotswap=True)
@@ -72,15 +72,15 @@ for rep in range(6):
     host.append((t1 - t0) * 1e3)
     if rep == 4:
         prof.disable()
-    if kernels is not None:
-        kernels.__exit__(None, None, None)
+    if trace is not None:
+        trace.__exit__(None, None, None)
     pipe.delete_adapters("hs")
 print("denoiser-only hotswap into a full adapter, until done:", [round(t, 1) for t in times],
       "median", round(statistics.median(times[1:4]), 1), "| host until return:", [round(t, 1) for t in host])
 out = io.StringIO()
 pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(45)
 print(out.getvalue())
-print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 from lorakit import kernels  # noqa: E402
 
 print("merge kernels:", {f"{k[0]} {k[1]} {k[2]}": v for k, v in kernels._READY.items()}, kernels.ERRORS or "")

@@ -249,8 +249,8 @@ class Fanout:
         """MOVED when a member's parameters left the matrix (``.to()``/``.half()`` replace their data), STALE
         when a member's branch, multipliers or up factors changed (identity or values) since the rows and the
         block-diagonal were written, else FRESH. Every forward's check: the parameters' places, then (only when
-        lorakit :func:`lorakit.wide.changed` something since the last look) the members' :meth:`LayerState.live` inlined in one
-        loop."""
+        lorakit :func:`lorakit.wide.changed` something since the last look) the members' :meth:`LayerState.live`,
+        inlined in one loop."""
         for _, p, wp, bp in self.checks:
             b = p["bias"]
             if p["weight"].data_ptr() != wp or (0 if b is None else b.data_ptr()) != bp:

@@ -237,12 +237,12 @@ class SwapIndex:
     next one finds the same. Kept on the adapter (``Adapter.swap_index``) while it holds the same modules."""
 
     def __init__(self, adapter: Adapter):
-        nested = {c: [d for top in m.values() for d in _nested(top)] for c, m in adapter.layers.items() if m}
+        per_component = {c: [d for top in m.values() for d in _nested(top)] for c, m in adapter.layers.items() if m}
         self.modules = adapter.num_modules()  # a delete from a component makes the index stale
-        self.by_component = {c: frozenset(map(id, ds)) for c, ds in nested.items()}
+        self.by_component = {c: frozenset(map(id, ds)) for c, ds in per_component.items()}
         self.ids = frozenset().union(*self.by_component.values())
         self.paths = {c: list(m) for c, m in adapter.layers.items() if m}
-        nested = [d for ds in nested.values() for d in ds]
+        nested = [d for ds in per_component.values() for d in ds]
         self.derived: list[WeightDelta] = []  # cached low-rank form computed from the fields: dropped at every swap
         self.unseen = nested  # no cached form yet: looked at when it has one (once per delta)
 

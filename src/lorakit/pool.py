@@ -44,7 +44,7 @@ Entry = tuple[str, WeightDelta]
 
 
 def _new(like: torch.Tensor, rows: int) -> torch.Tensor:
-    """``rows`` uninitialised rows shaped as ``like``'s; on the CPU from recycled memory (see :mod:`lorakit.hostmem`)."""
+    """``rows`` uninitialised rows shaped as ``like``'s; on the CPU from recycled memory (:mod:`lorakit.hostmem`)."""
     if like.device.type == "cpu":
         return hostmem.empty_typed((rows, like.shape[1]), like.dtype)
     return like.new_empty(rows, like.shape[1])

@@ -11,11 +11,11 @@ input run as a :mod:`lorakit.fanout` instead (the same two kernels for all of th
 :class:`WideLinear` re-homes the module's weight (and bias) as the first rows of that wider matrix: the parameter
 keeps its identity and its values (every write to it lands in the matrix), only its storage moves. The other rows
 are rewritten from the branch's factors and per-rank multipliers whenever those change (tracked by identity and
-version counters, looked at only when lorakit's count of its own branch writes moved: :func:`changed`). What it returns is a view of the
-GEMM's output (the output columns, row stride ``out + rank``): it splits and flattens like a contiguous tensor
-except across its last dimension (``.view(-1)`` needs ``.reshape``). Inference only: with grad enabled, under
-``torch.compile``, for Conv2d, subclasses with their own forward, or mismatched dtypes the layer runs the plain
-branch.
+version counters, looked at only when lorakit's count of its own branch writes moved: :func:`changed`). What it
+returns is a view of the GEMM's output (the output columns, row stride ``out + rank``): it splits and flattens like
+a contiguous tensor except across its last dimension (``.view(-1)`` needs ``.reshape``). Inference only: with grad
+enabled, under ``torch.compile``, for Conv2d, subclasses with their own forward, or mismatched dtypes the layer runs
+the plain branch.
 
 Memory: ``capacity`` extra rows per widened layer (the layer's factor pool's capacity: the down factors of every
 adapter loaded on it, a second time), and one copy of the weight each time it is widened (once, unless the ranks
