@@ -105,6 +105,13 @@ class Gemms(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fanout_kinds(state) -> set[tuple[str, ...]]:
+    """The fanouts of a component, each as the last names of its members' paths."""
+    path = {id(ly): p for p, ly in state.layers.items()}
+    return {tuple(path[id(m)].rsplit(".", 1)[1] for m in ly.fanout.members)
+            for ly in state.layers.values() if ly.fanout is not None}
+
+
 def _shares_one_storage(model, names) -> bool:
     ptrs = {getattr(model, n).weight.untyped_storage().data_ptr() for n in names}
     return len(ptrs) == 1
@@ -280,9 +287,7 @@ def test_text_encoders_and_denoiser_match_diffusers_peft():
         assert_close(outputs(ours, fam), outputs(ref, fam), what=str(weights))
     states = ours._lorakit_manager.states
     for component, names in (("text_encoder", ("q_proj", "k_proj", "v_proj")), ("unet", QKV)):
-        path = {id(ly): p for p, ly in states[component].layers.items()}
-        fans = {id(ly.fanout): ly.fanout for ly in states[component].layers.values() if ly.fanout is not None}
-        kinds = {tuple(path[id(m)].rsplit(".", 1)[1] for m in f.members) for f in fans.values()}
+        kinds = fanout_kinds(states[component])
         assert names in kinds, (component, kinds)
 
 
@@ -302,9 +307,7 @@ def test_named_chains_fan_out_from_the_first_forward():
         assert torch.equal(first[key], second[key]), key
     assert_close(first, outputs(ref, fam))
     for component, names in (("text_encoder", ("q_proj", "k_proj", "v_proj")), ("unet", QKV), ("unet", QKV[1:])):
-        path = {id(ly): p for p, ly in states[component].layers.items()}
-        kinds = {tuple(path[id(m)].rsplit(".", 1)[1] for m in ly.fanout.members)
-                 for ly in states[component].layers.values() if ly.fanout is not None}
+        kinds = fanout_kinds(states[component])
         assert names in kinds, (component, kinds)
     # the self-attention chain of a model whose processor reads k and v from another tensor: the calls win
     model = nn.Module()

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import threading
 import weakref
@@ -59,10 +60,7 @@ def empty(nbytes: int) -> torch.Tensor:
 
 def empty_typed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype`` (see :func:`empty`)."""
-    count = 1
-    for size in shape:
-        count *= size
-    return empty(count * dtype.itemsize).view(dtype).view(shape)
+    return empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def release() -> int:
